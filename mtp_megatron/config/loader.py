@@ -1,0 +1,164 @@
+"""Build a :class:`RunConfig` from defaults, a YAML file and command-line flags.
+
+Precedence: command line > YAML (``--config file.yaml``) > dataclass defaults.
+
+YAML is sectioned, with the flag names in snake_case::
+
+    model:
+      num_layers: 4
+    mtp:
+      mtp_num_layers: 2
+
+Unknown sections, keys and flags are errors that suggest the closest valid name.
+
+    cfg, run = load_config(["--config", "examples/tiny.yaml", "--mtp-num-layers", "2"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from mtp_megatron.config.fields import ConfigError, closest, flag_of
+from mtp_megatron.config.sections import SECTIONS, RunConfig
+
+# Flags that steer the launcher rather than describe the run.
+RUN_FLAGS = ("--config", "--dry-run", "--gpu-memory-gb")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to do with the config: train it or only plan it."""
+
+    config_path: Optional[str] = None
+    dry_run: bool = False
+
+
+def _field_to_section() -> Dict[str, str]:
+    return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; absent flags stay absent."""
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt_mtp.py",
+        description="Pretrain a GPT with multi-token prediction on megatron-core.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file with sectioned settings (see examples/).")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="Validate, print the plan (rank layout, parameters, FLOPs) and exit.",
+    )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = meta.get("flag") or flag_of(f.name)
+            if meta["type"] is bool:
+                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            else:
+                group.add_argument(
+                    flag, dest=f.name, type=meta["type"], choices=meta["choices"],
+                    metavar=f.name.upper() if not meta["choices"] else None,
+                    help=f"{meta['help']} (default: {f.default})",
+                )
+    return parser
+
+
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[RunOptions, Dict[str, Any]]:
+    """Parse flags into (run options, {field: value}) for the flags actually given."""
+    parser = build_parser()
+    known, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        flags = [a for a in parser._option_string_actions if a.startswith("--")]
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ConfigError.unknown("flag", bad.split("=", 1)[0], flags)
+    values = vars(known)
+    options = RunOptions(
+        config_path=values.pop("config", None), dry_run=values.pop("dry_run", False)
+    )
+    return options, values
+
+
+def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
+    """Read a sectioned YAML file; unknown sections or keys are errors."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", path, "an existing YAML file", "file not found")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", path, "valid YAML", str(exc).splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", path, "a mapping of sections (model:, mtp:, ...)")
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError.unknown("section", str(section), SECTIONS, where=path)
+        if not isinstance(body, dict):
+            raise ConfigError("--config", path, f"a mapping under {section}:")
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key in body:
+            if key not in names:
+                owner = _field_to_section().get(key)
+                if owner:
+                    raise ConfigError(
+                        "--config", path, f"{key} under {owner}:", f"{key} is not a {section} key"
+                    )
+                raise ConfigError.unknown("key", f"{section}.{key}", [f"{section}.{n}" for n in names], where=path)
+    return data
+
+
+def build_config(
+    yaml_values: Optional[Dict[str, Dict[str, Any]]] = None,
+    cli_values: Optional[Dict[str, Any]] = None,
+    world_size: Optional[int] = None,
+) -> RunConfig:
+    """Merge defaults < YAML < CLI (and the launcher's world size) into a validated RunConfig."""
+    merged: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, body in (yaml_values or {}).items():
+        merged[section].update(body)
+    owner = _field_to_section()
+    for key, value in (cli_values or {}).items():
+        merged[owner[key]][key] = value
+    if world_size is not None and "world_size" not in merged["parallel"]:
+        merged["parallel"]["world_size"] = world_size
+    return RunConfig(**{name: SECTIONS[name](**body) for name, body in merged.items()})
+
+
+def load_config(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None
+                ) -> tuple[RunConfig, RunOptions]:
+    """The launcher's entry: parse argv, read --config, apply precedence, validate."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ if env is None else env
+    options, cli_values = parse_cli(argv)
+    yaml_values = read_yaml(options.config_path) if options.config_path else None
+    world = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS")
+    cfg = build_config(yaml_values, cli_values, int(world) if world else None)
+    return cfg, options
+
+
+def to_dict(cfg: RunConfig) -> Dict[str, Dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config as sectioned YAML (loadable with --config)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def cli_flags() -> List[str]:
+    return [a for a in build_parser()._option_string_actions if a.startswith("--")]

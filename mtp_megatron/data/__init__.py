@@ -1,0 +1,1 @@
+"""Training data: megatron-core GPT datasets and the microbatch iterators over them."""

@@ -1,0 +1,46 @@
+"""Deterministic microbatches for a data-parallel rank.
+
+Step ``i`` consumes global samples ``[consumed, consumed + global_batch_size)``; data
+parallel rank ``r`` takes the ``r``-th contiguous slice and cuts it into microbatches.
+The global batch is the same for every parallel layout, and resuming only needs
+``consumed_samples``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+
+class GlobalBatchSampler:
+    """Yields, per optimizer step, this rank's microbatches as dicts of tensors."""
+
+    def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError("global batch must be a multiple of micro batch x DP")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _sample(self, index: int) -> Dict[str, torch.Tensor]:
+        return self.dataset[index % len(self.dataset)]
+
+    def next_step(self) -> List[Dict[str, torch.Tensor]]:
+        """This rank's microbatches for the next optimizer step."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = self.consumed_samples + self.dp_rank * per_rank
+        microbatches = []
+        for m in range(self.num_microbatches):
+            first = start + m * self.micro_batch_size
+            samples = [self._sample(first + j) for j in range(self.micro_batch_size)]
+            microbatches.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+        self.consumed_samples += self.global_batch_size
+        return microbatches

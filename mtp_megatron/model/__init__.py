@@ -1,0 +1,1 @@
+"""The megatron-core GPT + MTP model: configuration, specs, construction and counting."""

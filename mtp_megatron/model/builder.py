@@ -1,0 +1,137 @@
+"""Build megatron-core's ``GPTModel`` with its MTP block, one chunk per virtual stage.
+
+We use megatron-core's own MTP (``get_gpt_mtp_block_spec`` + ``TransformerConfig(
+mtp_num_layers, mtp_loss_scaling_factor)``); this module only translates our config.
+The MTP layers live on the last pipeline stage (the last virtual chunk with VPP).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mtp_megatron.config import RunConfig, padded_vocab_size
+
+
+def params_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.training.bf16:
+        return torch.bfloat16
+    if cfg.training.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
+    """Our sections as a megatron-core TransformerConfig (MTP settings included)."""
+    model, par, train, mtp = cfg.model, cfg.parallel, cfg.training, cfg.mtp
+    dtype = params_dtype(cfg)
+    fp8 = {}
+    if train.fp8_format:
+        fp8 = dict(fp8=train.fp8_format, fp8_recipe=train.fp8_recipe,
+                   fp8_amax_history_len=train.fp8_amax_history_len,
+                   fp8_amax_compute_algo="max")
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_size,
+        normalization=model.normalization,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=not model.disable_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
+        context_parallel_size=par.context_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        bf16=train.bf16,
+        fp16=train.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        calculate_per_token_loss=train.calculate_per_token_loss,
+        use_cpu_initialization=on_cpu,
+        mtp_num_layers=mtp.mtp_num_layers,
+        mtp_loss_scaling_factor=mtp.mtp_loss_scaling_factor,
+        **fp8,
+    )
+
+
+def layer_spec(cfg: RunConfig, transformer_impl: str):
+    if transformer_impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+
+
+def vocab_size_for(cfg: RunConfig, tokenizer_vocab: int) -> int:
+    """The padded vocabulary the embedding and output head are built with."""
+    return padded_vocab_size(
+        cfg.model.vocab_size or tokenizer_vocab,
+        cfg.model.make_vocab_size_divisible_by,
+        cfg.parallel.tensor_model_parallel_size,
+    )
+
+
+def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
+                    vocab_size: int, vp_stage: Optional[int] = None) -> GPTModel:
+    """One GPTModel chunk for this rank (and virtual stage), MTP block where it belongs."""
+    spec = layer_spec(cfg, transformer_impl)
+    mtp_spec = None
+    if cfg.mtp.enabled:
+        mtp_spec = get_gpt_mtp_block_spec(
+            tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
+            vp_stage=vp_stage,
+        )
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.model.position_embedding_type,
+        mtp_block_spec=mtp_spec,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
+                vocab_size: int, device: torch.device) -> List[DistributedDataParallel]:
+    """All chunks of this rank, on ``device``, wrapped in megatron-core DDP."""
+    # The MTP loss tracker is a process global: start each model with a clean one.
+    MTPLossLoggingHelper.tracker.clear()
+    stages = cfg.virtual_pipeline_size or 1
+    chunks = [
+        build_gpt_chunk(cfg, tconfig, transformer_impl, vocab_size,
+                        vp_stage=i if cfg.virtual_pipeline_size else None)
+        for i in range(stages)
+    ]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        chunk.to(device)
+        wrapped.append(DistributedDataParallel(
+            tconfig, ddp_config, chunk, disable_bucketing=i > 0,
+        ))
+    return wrapped

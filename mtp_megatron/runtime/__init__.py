@@ -1,0 +1,1 @@
+"""Process groups, devices, seeds, optional accelerator libraries and the CPU bridge."""

@@ -1,0 +1,109 @@
+"""Start and stop the process groups: CUDA + NCCL with a GPU, CPU + gloo without.
+
+torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain
+``python launch/pretrain_gpt_mtp.py`` runs as a single rank on a free local port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from mtp_megatron.config import ConfigError, RunConfig
+from mtp_megatron.runtime import cpu_bridge
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
+    """Rank and rendezvous from torchrun's variables, or a single local rank."""
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return LaunchEnv(0, 0, 1, "127.0.0.1", free_port())
+    try:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+            world_size=int(env["WORLD_SIZE"]),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(
+            "RANK/WORLD_SIZE", {k: env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+            "integers set by torchrun (or neither, for one process)", f"bad launcher variable {exc}",
+        ) from None
+
+
+def initialize(cfg: RunConfig, launch: LaunchEnv) -> torch.device:
+    """Process group, model-parallel groups and seeds. Returns this rank's device."""
+    par = cfg.parallel
+    if par.world_size is not None and par.world_size != launch.world_size:
+        raise ConfigError(
+            "--world-size", par.world_size, f"the launcher's world size {launch.world_size}"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+    else:
+        cpu_bridge.install()
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
+        context_parallel_size=par.context_parallel_size,
+    )
+    set_seeds(cfg.training.seed)
+    return device
+
+
+def set_seeds(seed: int) -> None:
+    """Megatron's seeding: a different stream per pipeline stage, tracked TP streams."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_last_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1
