@@ -12,7 +12,7 @@ from typing import Tuple
 
 from mtp_megatron.config import ConfigError, RunConfig
 from mtp_megatron.runtime.accel import check_fp8_runtime, resolve_transformer_impl
-from mtp_megatron.runtime.distributed import LaunchEnv, read_launch_env
+from mtp_megatron.runtime.launch_env import LaunchEnv, read_launch_env
 
 
 def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
