@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if options.dry_run:
             from mtp_megatron.plan import print_plan
 
-            print_plan(cfg)
+            print_plan(cfg, gpu_memory_gb=options.gpu_memory_gb, mfu=options.mfu)
             return 0
         from mtp_megatron.runtime.preflight import preflight
 
@@ -41,11 +41,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from mtp_megatron.checkpoint import CheckpointError
+    from mtp_megatron.training.faults import NonFiniteStepError
     from mtp_megatron.training.trainer import Trainer
 
-    trainer = Trainer(cfg, launch, transformer_impl)
+    trainer = None
     try:
+        trainer = Trainer(cfg, launch, transformer_impl)
         trainer.train()
+    except (ConfigError, CheckpointError, NonFiniteStepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 3
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
+        else:
+            from mtp_megatron.runtime.distributed import shutdown
+
+            shutdown()
     return 0

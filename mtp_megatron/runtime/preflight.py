@@ -39,6 +39,11 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
             "pip install -e .[tensorboard]",
         )
     _check_writable("--output-dir", cfg.logging.output_dir)
+    if cfg.checkpoint.save:
+        _check_writable("--save", cfg.checkpoint.save)
+    if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
+        raise ConfigError("--load", cfg.checkpoint.load, "an existing checkpoint directory",
+                          "no such directory")
     return launch, transformer_impl
 
 

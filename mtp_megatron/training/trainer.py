@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
 from mtp_megatron.config import RunConfig, save_config
 from mtp_megatron.data.datasets import MOCK_VOCAB_SIZE, build_mock_datasets
 from mtp_megatron.data.iterator import GlobalBatchSampler
@@ -31,11 +32,17 @@ from mtp_megatron.model.builder import (
 )
 from mtp_megatron.model.counting import flops_per_token
 from mtp_megatron.runtime import distributed
+from mtp_megatron.training.faults import ExitConditions, NonFiniteStepError, step_is_finite
 from mtp_megatron.training.losses import collect_mtp_losses, forward_step, reduce_lm_loss
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("mtp_megatron")
+
+
+def log_last_rank(message: str) -> None:
+    if distributed.is_last_rank():
+        logger.info(message)
 
 
 class Trainer:
@@ -44,7 +51,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, launch: distributed.LaunchEnv, transformer_impl: str):
         self.cfg = cfg
         self.device = distributed.initialize(cfg, launch)
-        self.iteration = 0
         tokenizer_vocab = MOCK_VOCAB_SIZE
         self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
         on_cpu = self.device.type == "cpu"
@@ -56,6 +62,9 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
+        self._maybe_resume()
+        self.exit = ExitConditions(cfg.checkpoint)
         self.sampler = self._build_sampler(vocab=cfg.model.vocab_size or tokenizer_vocab)
         self.metrics = MetricsLogger(
             log_interval=cfg.logging.log_interval,
@@ -92,7 +101,27 @@ class Trainer:
             global_batch_size=train.global_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
+            consumed_samples=self.state.consumed_samples,
         )
+
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
+
+    def _maybe_resume(self) -> None:
+        """Auto-resume: the latest complete checkpoint under --load (or --save), if any."""
+        ckpt = self.cfg.checkpoint
+        root = ckpt.resume_from
+        if root is None:
+            return
+        if not ckpt.load and read_tracker(root) is None:
+            return  # --save alone and nothing saved yet: a fresh run
+        load_checkpoint(self.state, root, checkpoint=ckpt)
+
+    def save(self) -> None:
+        if self.cfg.checkpoint.save:
+            self.state.consumed_samples = self.sampler.consumed_samples
+            save_checkpoint(self.state, self.cfg.checkpoint.save)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step over the global batch; returns what the log needs."""
@@ -111,10 +140,19 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False,
         )
-        updated, grad_norm, _ = self.optimizer.step()
+        iteration = self.iteration + 1
+        if step_is_finite(self.model, reports, iteration, check_grads=not self.cfg.training.fp16):
+            updated, grad_norm, _ = self.optimizer.step()
+        elif self.cfg.training.skip_nan_steps:
+            logger.warning("iteration %d: NaN/Inf in the loss or gradients, update skipped "
+                           "(--skip-nan-steps)", iteration)
+            updated, grad_norm = False, None
+        else:
+            raise NonFiniteStepError(iteration)
         if updated:
             self.scheduler.step(increment=1)
-        self.iteration += 1
+        self.state.iteration = iteration
+        self.state.consumed_samples = self.sampler.consumed_samples
         return StepMetrics(
             iteration=self.iteration,
             lm_loss=reduce_lm_loss(reports) if parallel_state.is_pipeline_last_stage() else None,
@@ -129,10 +167,21 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         history = []
+        ckpt = self.cfg.checkpoint
+        saved_at = None
         while self.iteration < self.cfg.training.train_iters:
             step = self.train_step()
             self.metrics.record(step)
             history.append(step)
+            if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
+                self.save()
+                saved_at = self.iteration
+            reason = self.exit.check(self.iteration)
+            if reason:
+                log_last_rank(f"stopping after iteration {self.iteration}: {reason}")
+                break
+        if ckpt.save and saved_at != self.iteration:
+            self.save()
         return history
 
     def close(self) -> None:

@@ -1,0 +1,15 @@
+"""Checkpoints: megatron-core dist_checkpointing, atomic commits, resharding on load."""
+
+from mtp_megatron.checkpoint.dist_ckpt import (
+    TrainState,
+    check_compatible,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from mtp_megatron.checkpoint.layout import CheckpointError, read_tracker, resolve_load_dir
+
+__all__ = [
+    "CheckpointError", "TrainState", "check_compatible", "load_checkpoint", "load_model_weights",
+    "read_tracker", "resolve_load_dir", "save_checkpoint",
+]
