@@ -225,6 +225,10 @@ class TrainingConfig:
     )
     fp8_recipe: str = option("delayed", "FP8 scaling recipe.", type=str, choices=FP8_RECIPES)
     fp8_amax_history_len: int = option(1024, "FP8 amax history (delayed recipe).", type=int)
+    skip_nan_steps: bool = option(
+        False, "Skip the update of a step whose loss or gradients are NaN/Inf (default: stop).",
+        type=bool,
+    )
     calculate_per_token_loss: bool = option(
         False, "Average the loss over all tokens of the global batch, not per microbatch.",
         type=bool,
@@ -278,16 +282,56 @@ class DataConfig:
         _check_types(self)
 
 
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Saving and loading (megatron-core dist_checkpointing)."""
+    """Saving, loading and leaving cleanly (megatron-core dist_checkpointing, torch_dist)."""
 
-    save: Optional[str] = option(None, "Directory to save checkpoints to.", type=str)
-    load: Optional[str] = option(None, "Directory to load a checkpoint from.", type=str)
+    save: Optional[str] = option(
+        None, "Save checkpoints here (and resume from here when --load is not given).", type=str
+    )
+    load: Optional[str] = option(
+        None, "Resume from the latest complete checkpoint in this directory.", type=str
+    )
     save_interval: Optional[int] = option(None, "Save every N iterations.", type=int)
+    no_load_optim: bool = option(
+        False, "Load the model but not the optimizer and LR scheduler states.", type=bool
+    )
+    no_load_rng: bool = option(False, "Do not restore the RNG states.", type=bool)
+    finetune: bool = option(
+        False, "Load only the model; start at iteration 0 with a fresh optimizer.", type=bool
+    )
+    exit_signal_handler: bool = option(
+        False, "On --exit-signal: finish the iteration, save, exit 0.", type=bool
+    )
+    exit_signal: str = option(
+        "SIGTERM", "The signal --exit-signal-handler catches.", type=str, choices=EXIT_SIGNALS
+    )
+    exit_duration_in_mins: Optional[float] = option(
+        None, "Save and exit after this many minutes of training.", type=float
+    )
+    exit_interval: Optional[int] = option(
+        None, "Save and exit when the iteration is a multiple of this.", type=int
+    )
 
     def __post_init__(self):
+        _check_types(self)
         check_int("--save-interval", self.save_interval, 1, allow_none=True)
+        check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
+        check_float("--exit-duration-in-mins", self.exit_duration_in_mins, 0.0, allow_none=True)
+        if self.save_interval and not self.save:
+            raise ConfigError("--save-interval", self.save_interval, "only together with --save DIR")
+        exits = self.exit_signal_handler or self.exit_duration_in_mins or self.exit_interval
+        if exits and not self.save:
+            logger.warning("--exit-signal-handler/--exit-duration-in-mins/--exit-interval "
+                           "without --save: the run will stop but save nothing.")
+
+    @property
+    def resume_from(self) -> Optional[str]:
+        """Where to look for a checkpoint: --load, else --save (auto-resume)."""
+        return self.load or self.save
 
 
 @dataclass(frozen=True)
