@@ -1,0 +1,58 @@
+"""Run the real launcher under torchrun (or plain python) and read what it logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py")
+
+# A tiny model: 2 layers (PP=2 splits them), 4 heads (TP=2 splits them), short sequences.
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--lr", "3e-3", "--log-interval", "1"]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    output_dir: str
+
+    def metrics(self, split: Optional[str] = None) -> List[Dict]:
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        rows = [json.loads(line) for line in open(path)]
+        return [r for r in rows if r.get("split") == split]
+
+    def __repr__(self) -> str:
+        return f"rc={self.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
+
+
+def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bool = True,
+           env: Optional[Dict[str, str]] = None, timeout: float = 600) -> Run:
+    """``torchrun --nproc-per-node N launch/pretrain_gpt_mtp.py ARGS --output-dir DIR``."""
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_port()), LAUNCHER]
+    else:
+        cmd = [sys.executable, LAUNCHER]
+    cmd += list(args) + ["--output-dir", output_dir]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=full_env)
+    return Run(proc.returncode, proc.stdout, proc.stderr, output_dir)
+
+
+def _port() -> int:
+    from mtp_megatron.runtime.launch_env import free_port
+
+    return free_port()
