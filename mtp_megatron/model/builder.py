@@ -98,7 +98,7 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
             tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
-    return GPTModel(
+    model = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -110,6 +110,20 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )
+    _drop_unused_output_weight(model)
+    return model
+
+
+def _drop_unused_output_weight(model: GPTModel) -> None:
+    """With tied embeddings and the MTP block on a stage that is not the first,
+    megatron-core 0.16.1 allocates ``output_layer.weight`` there but computes every logit
+    with the stage's embedding copy, and its checkpointing then asserts the weight is
+    absent ("output layer will not have any weight"). Remove the dead parameter before
+    DDP sees it: no gradient was ever lost, and V x h memory is saved."""
+    if (model.share_embeddings_and_output_weights and model.mtp_process
+            and not model.pre_process and model.post_process
+            and model.output_layer.weight is not None):
+        model.output_layer.weight = None
 
 
 def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,

@@ -91,10 +91,10 @@ def stage_params(cfg: RunConfig, vocab_size: int, pp_rank: int) -> StageParams:
     embedding = embedding_params(s) if first else 0
     if not first and mtp_here:
         embedding = embedding_params(s)
-    # The output head is allocated on the last stage unless that stage also owns the
-    # tied embedding. (With tied weights and MTP on a later stage, megatron-core 0.16.1
-    # allocates this head but computes logits with the embedding copy: held, not used.)
-    output = s.vocab * s.h if last and not (tied and first) else 0
+    # With tied weights the last stage's logits use the embedding it holds (its own on
+    # the first stage, the MTP stage's copy); otherwise it has an output head. (Without
+    # MTP, a later last stage keeps the tied copy as its output head.)
+    output = s.vocab * s.h if last and not (tied and (first or mtp_here)) else 0
     return StageParams(
         decoder=cfg.model.num_layers // pp * layer_params(s),
         embedding=embedding,
