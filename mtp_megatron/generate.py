@@ -1,0 +1,129 @@
+"""Generate from a checkpoint saved by training: greedy or MTP self-speculative decoding.
+
+One rank, whatever TP/PP layout the checkpoint was saved with:
+    python -m mtp_megatron.generate --load runs/x/checkpoints --prompt "def main(" \\
+        --mode mtp-speculative --draft-depth 2 --max-new-tokens 128
+Prompts from a file (one per line) or stdin (--prompt-file -); report as JSON:
+    python -m mtp_megatron.generate --load runs/x/checkpoints --prompt-file prompts.txt --json
+With --mock-data checkpoints a prompt is token ids separated by spaces ("1 2 3").
+
+Speculative mode also runs greedy decoding on the same prompts in the same process
+(unless --no-baseline), checks the outputs are identical and reports the speedup.
+Prompts are decoded one at a time (batch size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional, Sequence
+
+logger = logging.getLogger("mtp_megatron")
+
+MODES = ("greedy", "mtp-speculative")
+
+
+class UsageError(ValueError):
+    """A bad flag value: printed as one line naming the flag, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtp_megatron.generate",
+                                     description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--load", required=True,
+                        help="A --save directory of a training run, or one iter_N directory.")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="A prompt (repeat for several).")
+    parser.add_argument("--prompt-file",
+                        help="A file with one prompt per line; '-' reads stdin.")
+    parser.add_argument("--mode", choices=MODES, default="mtp-speculative")
+    parser.add_argument("--draft-depth", type=int, default=None,
+                        help="Tokens drafted per step, at most --mtp-num-layers of the "
+                             "checkpoint (default: all of them).")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="Speculative mode: skip the greedy run used for the speedup.")
+    parser.add_argument("--ignore-eod", action="store_true",
+                        help="Do not stop at the end-of-document token.")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> List[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            fh = sys.stdin if args.prompt_file == "-" else open(args.prompt_file)
+        except OSError as exc:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
+        with fh:
+            prompts += [line.rstrip("\n") for line in fh if line.strip()]
+    if not prompts:
+        raise UsageError("no prompt: give --prompt TEXT or --prompt-file FILE ('-' for stdin)")
+    return prompts
+
+
+def check_args(args: argparse.Namespace, mtp_num_layers: int) -> int:
+    """The draft depth to use, after checking the flags against the checkpoint."""
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.mode == "greedy":
+        if args.draft_depth:
+            logger.warning("--draft-depth has no effect with --mode greedy")
+        return 0
+    if mtp_num_layers == 0:
+        raise UsageError("--mode mtp-speculative: the checkpoint has no MTP layers "
+                         "(trained without --mtp-num-layers); use --mode greedy")
+    depth = mtp_num_layers if args.draft_depth is None else args.draft_depth
+    if not 1 <= depth <= mtp_num_layers:
+        raise UsageError(f"--draft-depth {depth}: must be between 1 and the checkpoint's "
+                         f"--mtp-num-layers={mtp_num_layers}")
+    return depth
+
+
+def encode(tokenizer, text: str) -> List[int]:
+    ids = list(tokenizer.tokenize(text))
+    if not ids:
+        raise UsageError(f"--prompt {text!r}: encodes to no tokens")
+    return ids
+
+
+def run(args: argparse.Namespace) -> dict:
+    from mtp_megatron.inference.loading import load_for_generation, single_rank, text_vocab_size
+    from mtp_megatron.inference.report import decode_prompts
+
+    prompts = read_prompts(args)
+    with single_rank() as device:
+        model, cfg, tokenizer = load_for_generation(args.load, device)
+        depth = check_args(args, cfg.mtp.mtp_num_layers or 0)
+        ids = [encode(tokenizer, p) for p in prompts]
+        return decode_prompts(
+            model, ids, vocab_size=text_vocab_size(cfg, tokenizer),
+            max_new_tokens=args.max_new_tokens, draft_depth=depth,
+            eod=None if args.ignore_eod else tokenizer.eod,
+            baseline=depth > 0 and not args.no_baseline,
+            detokenize=tokenizer.detokenize,
+        )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    for noisy in ("megatron", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from mtp_megatron.checkpoint import CheckpointError
+    from mtp_megatron.inference.report import format_report
+
+    try:
+        report = run(args)
+    except (UsageError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
