@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 group.add_argument(
                     flag, dest=f.name, type=meta["type"], choices=meta["choices"],
+                    nargs=meta.get("nargs"),
                     metavar=f.name.upper() if not meta["choices"] else None,
                     help=f"{meta['help']} (default: {f.default})",
                 )

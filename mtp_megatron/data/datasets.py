@@ -1,43 +1,201 @@
-"""Build megatron-core GPT datasets for training.
+"""Build megatron-core GPT datasets for training and validation.
 
-With ``--mock-data`` the samples come from megatron-core's ``MockGPTDataset``: documents
-of consecutive token ids ``1, 2, 3, ...`` ending in an end-of-document token, which a
-model (and every MTP depth) can learn, so a falling loss means the stack works.
+Two steps, so that every user mistake surfaces before any collective:
+
+1. :func:`prepare_data` (every rank, no communication): the tokenizer, the dataset
+   prefixes (``--data-path``, or the embedded standard-library corpus, built once), and
+   the checks: files present and readable, ``.bin`` size matching its ``.idx``, the
+   data's ids inside the vocabulary, enough tokens in each split for one sequence.
+2. :func:`build_datasets` (every rank, collective): megatron-core's
+   ``BlendedMegatronDatasetBuilder`` over ``GPTDataset`` (or ``MockGPTDataset`` with
+   ``--mock-data``). Only the ranks that read batches build (the first pipeline stage
+   embeds tokens, the last computes the losses and runs the MTP layers); the others get
+   a same-shaped placeholder, since their model chunk never looks at the batch.
+
+Validation uses the ``--split`` validation documents; ``--eval-iters`` global batches of
+them, the same ones at every evaluation, so the numbers are comparable over a run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
+import torch
+from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
-from megatron.core.tokenizers import MegatronTokenizer
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from mtp_megatron.config import ConfigError, DataConfig, ModelConfig, TrainingConfig
+from mtp_megatron.config.sections import parse_blend, parse_split
+from mtp_megatron.data.corpus import ensure_stdlib_corpus
+from mtp_megatron.data.tokenizers import MOCK_VOCAB_SIZE, build_tokenizer, mock_tokenizer
+
+__all__ = ["MOCK_VOCAB_SIZE", "DataPlan", "Datasets", "build_datasets", "build_mock_datasets",
+           "mock_tokenizer", "prepare_data"]
 
 logger = logging.getLogger(__name__)
 
-MOCK_VOCAB_SIZE = 512
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What :func:`build_datasets` needs, decided and checked on every rank."""
+
+    tokenizer: object
+    blend: Optional[Tuple[List[str], Optional[List[float]]]]  # None: mock data
+    split: Optional[str]
+    cache_dir: Optional[str]
+    description: str
+    has_valid: bool
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
 
-def mock_tokenizer(vocab_size: int = MOCK_VOCAB_SIZE):
-    """megatron-core's null tokenizer: ids 0..vocab_size-2, EOD = vocab_size - 1."""
-    return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"},
-                                             vocab_size=vocab_size - 1)
+@dataclass(frozen=True)
+class Datasets:
+    train: object
+    valid: Optional[object] = None
 
 
-def build_mock_datasets(
-    *, seq_length: int, seed: int, num_train_samples: int, vocab_size: int,
-    is_built_on_rank: Callable[[], bool] = lambda: True,
-):
-    """Train dataset of ``num_train_samples`` mock samples (validation/test: none)."""
+def prepare_data(*, data: DataConfig, model: ModelConfig) -> DataPlan:
+    """Tokenizer, blend and checks. Raises :class:`ConfigError` with the flag to fix."""
+    if data.mock_data:
+        tokenizer = mock_tokenizer(model.vocab_size or MOCK_VOCAB_SIZE)
+        return DataPlan(tokenizer, None, None, data.data_cache_path, "mock data", True)
+    tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    if model.vocab_size is not None and model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError("--vocab-size", model.vocab_size,
+                          f"at least the tokenizer's {tokenizer.vocab_size} "
+                          f"(--tokenizer-type {data.tokenizer_type})")
+    if data.data_path:
+        prefixes, weights = parse_blend(data.data_path)
+        cache_dir, description = data.data_cache_path, " ".join(data.data_path)
+    else:
+        if data.tokenizer_type != "byte-level":
+            raise ConfigError("--tokenizer-type", data.tokenizer_type,
+                              "byte-level for the embedded corpus (or give --data-path)")
+        prefixes = [ensure_stdlib_corpus(data.data_cache_path)]
+        weights, description = None, "embedded corpus: Python standard library"
+        cache_dir = data.data_cache_path or os.path.join(os.path.dirname(prefixes[0]), "cache")
+    split = parse_split(data.split)
+    vocab = model.vocab_size or tokenizer.vocab_size
+    docs = tokens = 0
+    for prefix in prefixes:
+        d, t = _check_dataset(prefix, data=data, vocab=vocab, seq_length=model.seq_length,
+                              split=split)
+        docs, tokens = docs + d, tokens + t
+    description += (f" ({docs:,} documents, {tokens:,} tokens; tokenizer {data.tokenizer_type}, "
+                    f"vocab {tokenizer.vocab_size}; split {data.split})")
+    has_valid = split[1] > 0
+    if not has_valid and data.eval_iters:
+        logger.warning("--split %s has no validation part: --eval-interval/--eval-iters have "
+                       "no effect.", data.split)
+    return DataPlan(tokenizer, (prefixes, weights), data.split, cache_dir, description, has_valid)
+
+
+def _check_dataset(prefix: str, *, data: DataConfig, vocab: int, seq_length: int,
+                   split: List[float]) -> Tuple[int, int]:
+    """Checks one prefix; returns its (documents, tokens)."""
+    for suffix in (".bin", ".idx"):
+        path = prefix + suffix
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError("--data-path", prefix, "prefixes of readable <prefix>.bin and "
+                              "<prefix>.idx files", f"{path} is missing or unreadable")
+    try:
+        index = IndexedDataset(prefix, mmap=True)
+    except Exception as err:  # a corrupt index raises anything from struct to numpy
+        raise ConfigError("--data-path", prefix, "a Megatron indexed dataset",
+                          f"{prefix}.idx cannot be read: {err}") from None
+    lengths = index.sequence_lengths
+    expected = int(lengths.sum()) * np.dtype(index.index.dtype).itemsize
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ConfigError("--data-path", prefix, "a .bin matching its .idx",
+                          f"{prefix}.bin has {actual} bytes, the index describes {expected}")
+    _check_meta(prefix, data=data, vocab=vocab)
+    _check_split_tokens(prefix, lengths, split=split, seq_length=seq_length,
+                        need_valid=data.eval_iters > 0, split_text=data.split)
+    return len(lengths), int(lengths.sum())
+
+
+def _check_meta(prefix: str, *, data: DataConfig, vocab: int) -> None:
+    """Our preprocessing writes <prefix>.meta.json: catch data made with another tokenizer."""
+    path = prefix + ".meta.json"
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        meta = json.load(fh)
+    if meta.get("tokenizer_type") not in (None, data.tokenizer_type):
+        raise ConfigError("--tokenizer-type", data.tokenizer_type,
+                          f"{meta['tokenizer_type']}, the tokenizer {prefix} was made with")
+    if meta.get("max_token_id", -1) >= vocab:
+        raise ConfigError("--vocab-size", vocab,
+                          f"more than the largest id in {prefix} ({meta['max_token_id']})")
+
+
+def _check_split_tokens(prefix: str, lengths: np.ndarray, *, split: List[float],
+                        seq_length: int, need_valid: bool, split_text: str) -> None:
+    """Each used split needs one sequence's worth of tokens (megatron-core's doc split)."""
+    bounds = np.cumsum([0.0] + [s / sum(split) for s in split])
+    names = ("train", "validation")
+    for i, name in enumerate(names):
+        if split[i] == 0 or (i == 1 and not need_valid):
+            continue
+        beg = int(round(bounds[i] * len(lengths)))
+        end = int(round(bounds[i + 1] * len(lengths)))
+        tokens = int(lengths[beg:end].sum())
+        if tokens < seq_length + 1:
+            raise ConfigError(
+                "--seq-length", seq_length,
+                f"fewer than the {tokens} tokens of the {name} split of {prefix} "
+                f"({end - beg} of {len(lengths)} documents with --split {split_text})",
+                "a sample needs --seq-length + 1 tokens; shorten it or change --split",
+            )
+
+
+def is_built_on_rank() -> bool:
+    """Batches are read by the first stage (tokens) and the last (labels, MTP inputs)."""
+    return (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+            or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def build_datasets(plan: DataPlan, *, data: DataConfig, model: ModelConfig,
+                   training: TrainingConfig, seed: Optional[int] = None,
+                   built_on_rank: Callable[[], bool] = is_built_on_rank) -> Datasets:
+    """Train and validation datasets (collective: call on every rank)."""
+    gbs, seq = training.global_batch_size, model.seq_length
+    num_valid = data.eval_iters * gbs if plan.has_valid else 0
+    sizes = [training.train_iters * gbs, num_valid, 0]
+    common = dict(
+        random_seed=training.seed if seed is None else seed, sequence_length=seq,
+        tokenizer=plan.tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=plan.cache_dir,
+    )
+    if plan.blend is None:
+        config, cls = GPTDatasetConfig(**common), MockGPTDataset
+    else:
+        config = GPTDatasetConfig(blend=plan.blend, split=plan.split, **common)
+        cls = GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, built_on_rank, config).build()
+    if train is None:  # a rank whose chunks never read the batch
+        train = Placeholder(seq, sizes[0])
+        valid = Placeholder(seq, num_valid) if num_valid else None
+    return Datasets(train=train, valid=valid if num_valid else None)
+
+
+def build_mock_datasets(*, seq_length: int, seed: int, num_train_samples: int, vocab_size: int,
+                        is_built_on_rank: Callable[[], bool] = lambda: True):
+    """Train dataset of ``num_train_samples`` mock samples (kept for existing callers)."""
     config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=mock_tokenizer(vocab_size),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        random_seed=seed, sequence_length=seq_length, tokenizer=mock_tokenizer(vocab_size),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(
@@ -46,7 +204,17 @@ def build_mock_datasets(
     return train
 
 
-@dataclass(frozen=True)
-class Datasets:
-    train: object
-    valid: Optional[object] = None
+class Placeholder:
+    """Zero batches of the right shape for middle pipeline stages (never read)."""
+
+    def __init__(self, seq_length: int, length: int):
+        self.length = max(1, length)
+        zeros = torch.zeros(seq_length, dtype=torch.long)
+        self.sample = {"tokens": zeros, "labels": zeros, "loss_mask": zeros.float(),
+                       "position_ids": torch.arange(seq_length)}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.sample
