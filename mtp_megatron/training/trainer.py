@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
 from mtp_megatron.config import RunConfig, save_config
-from mtp_megatron.data.datasets import MOCK_VOCAB_SIZE, build_mock_datasets
+from mtp_megatron.data.datasets import build_datasets, prepare_data
 from mtp_megatron.data.iterator import GlobalBatchSampler
 from mtp_megatron.model.builder import (
     build_model,
@@ -32,6 +32,7 @@ from mtp_megatron.model.builder import (
 )
 from mtp_megatron.model.counting import flops_per_token
 from mtp_megatron.runtime import distributed
+from mtp_megatron.training.evaluate import Evaluator
 from mtp_megatron.training.faults import ExitConditions, NonFiniteStepError, step_is_finite
 from mtp_megatron.training.losses import collect_mtp_losses, forward_step, reduce_lm_loss
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
@@ -51,7 +52,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, launch: distributed.LaunchEnv, transformer_impl: str):
         self.cfg = cfg
         self.device = distributed.initialize(cfg, launch)
-        tokenizer_vocab = MOCK_VOCAB_SIZE
+        self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
+        tokenizer_vocab = self.data_plan.vocab_size
         self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
         on_cpu = self.device.type == "cpu"
         self.tconfig = transformer_config(cfg, on_cpu=on_cpu)
@@ -65,7 +67,8 @@ class Trainer:
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
-        self.sampler = self._build_sampler(vocab=cfg.model.vocab_size or tokenizer_vocab)
+        self.sampler = self._build_sampler()
+        self.evaluator = self._build_evaluator()
         self.metrics = MetricsLogger(
             log_interval=cfg.logging.log_interval,
             train_iters=cfg.training.train_iters,
@@ -87,22 +90,37 @@ class Trainer:
         if self.cfg.training.fp16:
             self.tconfig.grad_scale_func = self.optimizer.scale_loss
 
-    def _build_sampler(self, vocab: int) -> GlobalBatchSampler:
+    def _build_sampler(self) -> GlobalBatchSampler:
         train = self.cfg.training
-        dataset = build_mock_datasets(
-            seq_length=self.cfg.model.seq_length,
-            seed=train.seed,
-            num_train_samples=train.train_iters * train.global_batch_size,
-            vocab_size=vocab,
+        log_last_rank(f"data: {self.data_plan.description}")
+        self.datasets = build_datasets(
+            self.data_plan, data=self.cfg.data, model=self.cfg.model, training=train
         )
         return GlobalBatchSampler(
-            dataset,
+            self.datasets.train,
             micro_batch_size=train.micro_batch_size,
             global_batch_size=train.global_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
             consumed_samples=self.state.consumed_samples,
         )
+
+    def _build_evaluator(self) -> Optional[Evaluator]:
+        if self.datasets.valid is None or not self.cfg.data.eval_iters:
+            return None
+        train = self.cfg.training
+        return Evaluator(
+            self.model, self.datasets.valid, micro_batch_size=train.micro_batch_size,
+            global_batch_size=train.global_batch_size, seq_length=self.cfg.model.seq_length,
+            mtp_depth=self.cfg.mtp.mtp_num_layers or 0, output_dir=self.cfg.logging.output_dir,
+            is_logging_rank=distributed.is_last_rank(),
+        )
+
+    def evaluate(self) -> Optional[dict]:
+        """Validation metrics (on last-stage ranks); every rank must call it."""
+        if self.evaluator is None:
+            return None
+        return self.evaluator.run(self.iteration, self.cfg.data.eval_iters)
 
     @property
     def iteration(self) -> int:
@@ -168,11 +186,15 @@ class Trainer:
             chunk.train()
         history = []
         ckpt = self.cfg.checkpoint
-        saved_at = None
+        saved_at = evaluated_at = None
+        eval_interval = self.cfg.data.eval_interval
         while self.iteration < self.cfg.training.train_iters:
             step = self.train_step()
             self.metrics.record(step)
             history.append(step)
+            if eval_interval and self.iteration % eval_interval == 0:
+                self.evaluate()
+                evaluated_at = self.iteration
             if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
@@ -180,6 +202,8 @@ class Trainer:
             if reason:
                 log_last_rank(f"stopping after iteration {self.iteration}: {reason}")
                 break
+        if self.iteration >= self.cfg.training.train_iters and evaluated_at != self.iteration:
+            self.evaluate()  # the final evaluation
         if ckpt.save and saved_at != self.iteration:
             self.save()
         return history
