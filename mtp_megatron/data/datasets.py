@@ -154,9 +154,9 @@ def _check_split_tokens(prefix: str, lengths: np.ndarray, *, split: List[float],
         if tokens < seq_length + 1:
             raise ConfigError(
                 "--seq-length", seq_length,
-                f"fewer than the {tokens} tokens of the {name} split of {prefix} "
-                f"({end - beg} of {len(lengths)} documents with --split {split_text})",
-                "a sample needs --seq-length + 1 tokens; shorten it or change --split",
+                f"at most {max(tokens - 1, 0)}: the {name} split of {prefix} has {tokens} "
+                f"tokens ({end - beg} of {len(lengths)} documents with --split {split_text})",
+                "a sample needs --seq-length + 1 tokens; shorten it, or change --split",
             )
 
 

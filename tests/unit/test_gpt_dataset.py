@@ -1,0 +1,132 @@
+"""GPTDataset samples from our preprocessed data, the data checks, the embedded corpus."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mtp_megatron.config import ConfigError, build_config
+from mtp_megatron.data.corpus import ensure_stdlib_corpus, stdlib_files
+from mtp_megatron.data.datasets import build_datasets, prepare_data
+from mtp_megatron.data.preprocess import preprocess
+
+SEQ = 32
+
+
+def _corpus(tmp_path, name="c", docs=40):
+    src = tmp_path / f"{name}.jsonl"
+    with open(src, "w") as fh:
+        for i in range(docs):
+            fh.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
+    prefix = str(tmp_path / name)
+    preprocess([str(src)], prefix, progress=False)
+    return prefix
+
+
+def _cfg(tmp_path, **data):
+    data.setdefault("data_cache_path", str(tmp_path / "cache"))
+    return build_config({
+        "model": {"num_layers": 2, "hidden_size": 64, "seq_length": SEQ},
+        "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 5},
+        "data": {"split": "80,20,0", "eval_iters": 2, **data},
+    })
+
+
+def _build(cfg, seed=None):
+    plan = prepare_data(data=cfg.data, model=cfg.model)
+    return plan, build_datasets(plan, data=cfg.data, model=cfg.model, training=cfg.training,
+                                seed=seed, built_on_rank=lambda: True)
+
+
+def test_samples_shapes_labels_and_determinism(tmp_path):
+    cfg = _cfg(tmp_path, data_path=[_corpus(tmp_path)])
+    plan, data = _build(cfg)
+    assert plan.vocab_size == 258
+    assert len(data.train) >= 5 * 4 and len(data.valid) >= 2 * 4
+    sample = data.train[3]
+    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
+    for key in sample:
+        assert sample[key].shape == (SEQ,)
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # labels = next token
+    assert torch.equal(sample["position_ids"], torch.arange(SEQ))
+    assert sample["loss_mask"].sum() == SEQ
+    assert int(sample["tokens"].max()) <= 256  # bytes and EOD
+    text = bytes(t for t in sample["tokens"].tolist() if t < 256).decode()
+    assert "x * " in text and "\n" in text
+    _, again = _build(cfg)  # a second build (index cache hit) gives the same samples
+    for i in (0, 7, 19):
+        assert torch.equal(data.train[i]["tokens"], again.train[i]["tokens"])
+    assert torch.equal(data.valid[0]["tokens"], again.valid[0]["tokens"])
+    _, other = _build(cfg, seed=99)
+    assert not all(torch.equal(data.train[i]["tokens"], other.train[i]["tokens"])
+                   for i in range(8))
+
+
+def test_blend_with_weights(tmp_path):
+    a, b = _corpus(tmp_path, "a"), _corpus(tmp_path, "b", docs=30)
+    # (no cache dir: megatron-core's BlendedDataset cache needs a process group)
+    plan, data = _build(_cfg(tmp_path, data_path=["0.3", a, "0.7", b], data_cache_path=None))
+    assert plan.blend == ([a, b], [0.3, 0.7])
+    assert len(data.train) >= 20 and data.train[0]["tokens"].shape == (SEQ,)
+
+
+def test_missing_files_name_the_flag(tmp_path):
+    prefix = _corpus(tmp_path)
+    os.remove(prefix + ".idx")
+    with pytest.raises(ConfigError, match=r"--data-path.*\.idx is missing or unreadable"):
+        prepare_data(data=_cfg(tmp_path, data_path=[prefix]).data, model=_cfg(tmp_path).model)
+
+
+def test_truncated_bin_is_caught(tmp_path):
+    prefix = _corpus(tmp_path)
+    with open(prefix + ".bin", "r+b") as fh:
+        fh.truncate(100)
+    cfg = _cfg(tmp_path, data_path=[prefix])
+    with pytest.raises(ConfigError, match="the index describes"):
+        prepare_data(data=cfg.data, model=cfg.model)
+
+
+def test_vocab_size_smaller_than_the_tokenizer(tmp_path):
+    cfg = build_config({"model": {"vocab_size": 200}, "data": {"data_path": ["x"]}})
+    with pytest.raises(ConfigError) as err:
+        prepare_data(data=cfg.data, model=cfg.model)
+    assert err.value.flag == "--vocab-size" and "258" in str(err.value)
+
+
+def test_data_from_another_tokenizer_is_caught(tmp_path):
+    prefix = _corpus(tmp_path)
+    meta = json.loads(open(prefix + ".meta.json").read())
+    meta.update(tokenizer_type="huggingface", max_token_id=50000)
+    json.dump(meta, open(prefix + ".meta.json", "w"))
+    cfg = _cfg(tmp_path, data_path=[prefix])
+    with pytest.raises(ConfigError, match="huggingface, the tokenizer"):
+        prepare_data(data=cfg.data, model=cfg.model)
+
+
+def test_sequence_longer_than_the_data(tmp_path):
+    prefix = _corpus(tmp_path, docs=10)  # ~300 tokens, 2 validation documents
+    cfg = build_config({"model": {"seq_length": 256}, "data": {"data_path": [prefix],
+                                                                "split": "80,20,0"}})
+    with pytest.raises(ConfigError, match=r"\+ 1 tokens.*at most 65: the validation split"):
+        prepare_data(data=cfg.data, model=cfg.model)
+    cfg = build_config({"model": {"seq_length": 4096}, "data": {"data_path": [prefix]}})
+    with pytest.raises(ConfigError, match="train split"):
+        prepare_data(data=cfg.data, model=cfg.model)
+
+
+def test_embedded_corpus_is_built_once_and_reused(tmp_path):
+    files = stdlib_files()
+    assert len(files) > 300
+    assert not any(os.sep + "site-packages" + os.sep in f or os.sep + "test" + os.sep in f
+                   for f in files)
+    assert files == stdlib_files()  # a fixed order
+    prefix = ensure_stdlib_corpus(str(tmp_path))
+    stamp = os.stat(prefix + ".bin").st_mtime_ns
+    assert ensure_stdlib_corpus(str(tmp_path)) == prefix
+    assert os.stat(prefix + ".bin").st_mtime_ns == stamp
+    meta = json.loads(open(prefix + ".meta.json").read())
+    assert meta["documents"] > 300 and meta["tokens"] > 2_000_000
+    cfg = build_config({"data": {"data_cache_path": str(tmp_path)}})
+    plan = prepare_data(data=cfg.data, model=cfg.model)
+    assert plan.blend == ([prefix], None) and "standard library" in plan.description
