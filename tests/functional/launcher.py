@@ -40,8 +40,9 @@ def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bo
            env: Optional[Dict[str, str]] = None, timeout: float = 600) -> Run:
     """``torchrun --nproc-per-node N launch/pretrain_gpt_mtp.py ARGS --output-dir DIR``."""
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_port()), LAUNCHER]
+        # --standalone: torchrun picks a free port for its own rendezvous (no races).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), LAUNCHER]
     else:
         cmd = [sys.executable, LAUNCHER]
     cmd += list(args) + ["--output-dir", output_dir]
@@ -50,9 +51,3 @@ def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bo
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=full_env)
     return Run(proc.returncode, proc.stdout, proc.stderr, output_dir)
-
-
-def _port() -> int:
-    from mtp_megatron.runtime.launch_env import free_port
-
-    return free_port()
