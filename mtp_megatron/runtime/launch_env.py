@@ -1,16 +1,25 @@
 """Where this process sits in the job, read from the launcher's environment.
 
-torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain
-``python launch/pretrain_gpt_mtp.py`` is a single rank on a free local port.
+Three launchers, tried in this order:
+
+- torchrun sets ``RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT``;
+- ``srun`` with one task per GPU (no torchrun) sets ``SLURM_PROCID/SLURM_LOCALID/
+  SLURM_NTASKS``; the master is the first host of ``SLURM_JOB_NODELIST`` and the port
+  is ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID`` (the same on every task);
+- a plain ``python launch/pretrain_gpt_mtp.py`` is a single rank on a free local port.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
-from typing import Mapping
+from typing import List, Mapping
 
 from mtp_megatron.config import ConfigError
+
+SLURM_PORT_BASE = 20000
+SLURM_PORT_RANGE = 20000  # ports 20000..39999, below Linux's ephemeral range
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,7 @@ class LaunchEnv:
     world_size: int
     master_addr: str
     master_port: int
+    launcher: str = "torchrun"  # torchrun | slurm | single
 
 
 def free_port() -> int:
@@ -30,9 +40,15 @@ def free_port() -> int:
 
 
 def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
-    """Rank and rendezvous from torchrun's variables, or a single local rank."""
-    if "RANK" not in env and "WORLD_SIZE" not in env:
-        return LaunchEnv(0, 0, 1, "127.0.0.1", free_port())
+    """Rank and rendezvous from torchrun's variables, SLURM's, or a single local rank."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _from_torchrun(env)
+    if "SLURM_PROCID" in env:
+        return _from_slurm(env)
+    return LaunchEnv(0, 0, 1, "127.0.0.1", free_port(), launcher="single")
+
+
+def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
     try:
         return LaunchEnv(
             rank=int(env["RANK"]),
@@ -47,3 +63,113 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
             "integers set by torchrun (or neither, for one process)",
             f"bad launcher variable {exc}",
         ) from None
+
+
+def _int_var(env: Mapping[str, str], name: str, minimum: int) -> int:
+    """An integer launcher variable, or a ConfigError naming it."""
+    why = "set by srun for each task; launch with srun, or use torchrun"
+    if name not in env:
+        raise ConfigError(name, None, f"an integer >= {minimum}", f"missing; {why}")
+    try:
+        value = int(env[name])
+    except ValueError:
+        raise ConfigError(name, env[name], f"an integer >= {minimum}", why) from None
+    if value < minimum:
+        raise ConfigError(name, env[name], f"an integer >= {minimum}", why)
+    return value
+
+
+def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
+    rank = _int_var(env, "SLURM_PROCID", 0)
+    local_rank = _int_var(env, "SLURM_LOCALID", 0)
+    world_size = _int_var(env, "SLURM_NTASKS", 1)
+    if rank >= world_size:
+        raise ConfigError("SLURM_PROCID", rank, f"less than SLURM_NTASKS={world_size}")
+    return LaunchEnv(
+        rank=rank, local_rank=local_rank, world_size=world_size,
+        master_addr=env.get("MASTER_ADDR") or slurm_master_addr(env),
+        master_port=slurm_master_port(env), launcher="slurm",
+    )
+
+
+def slurm_master_addr(env: Mapping[str, str]) -> str:
+    """The first host of the job's (or step's) node list."""
+    for name in ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST"):
+        if env.get(name):
+            try:
+                return expand_hostlist(env[name])[0]
+            except ValueError as exc:
+                raise ConfigError(name, env[name], "a SLURM host list like node[001-004,007]",
+                                  str(exc)) from None
+    raise ConfigError("SLURM_JOB_NODELIST", None, "a SLURM host list like node[001-004,007]",
+                      "missing, and MASTER_ADDR is not set either")
+
+
+def slurm_master_port(env: Mapping[str, str]) -> int:
+    """``MASTER_PORT`` if set, else 20000 + SLURM_JOB_ID mod 20000 (same on every task)."""
+    if env.get("MASTER_PORT"):
+        port = env["MASTER_PORT"]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("MASTER_PORT", port, "a TCP port number 1..65535")
+        return int(port)
+    job = env.get("SLURM_JOB_ID")
+    if not job or not job.isdigit():
+        raise ConfigError("SLURM_JOB_ID", job, "the integer job id SLURM sets",
+                          "needed to derive the rendezvous port when MASTER_PORT is not set")
+    return SLURM_PORT_BASE + int(job) % SLURM_PORT_RANGE
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def expand_hostlist(spec: str) -> List[str]:
+    """Expand a SLURM host list: ``a[01-03,7],b`` -> ``[a01, a02, a03, a7, b]``.
+
+    Zero padding follows the range's first bound, like ``scontrol show hostnames``;
+    several bracket groups in one name (``r[1-2]n[1-2]``) expand as a product.
+    """
+    hosts: List[str] = []
+    for item in _split_top_level(spec.strip()):
+        hosts.extend(_expand_one(item))
+    if not hosts:
+        raise ValueError("empty host list")
+    return hosts
+
+
+def _split_top_level(spec: str) -> List[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' at position {i}")
+        elif ch == "," and depth == 0:
+            items.append(spec[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError("unbalanced '['")
+    items.append(spec[start:])
+    return [item for item in items if item]
+
+
+def _expand_one(item: str) -> List[str]:
+    open_at = item.find("[")
+    if open_at < 0:
+        return [item]
+    close_at = item.index("]", open_at)
+    prefix, body, rest = item[:open_at], item[open_at + 1:close_at], item[close_at + 1:]
+    tails = _expand_one(rest) if rest else [""]
+    out = []
+    for part in body.split(","):
+        match = _RANGE.match(part.strip())
+        if not match:
+            raise ValueError(f"bad range {part!r} in {item!r}")
+        lo, hi = match.group(1), match.group(2) or match.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {part!r} in {item!r}")
+        width = len(lo)
+        for n in range(int(lo), int(hi) + 1):
+            out.extend(f"{prefix}{n:0{width}d}{tail}" for tail in tails)
+    return out
