@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -28,8 +30,10 @@ import yaml
 from mtp_megatron.config.fields import ConfigError, closest, flag_of
 from mtp_megatron.config.sections import SECTIONS, RunConfig
 
+logger = logging.getLogger(__name__)
+
 # Flags that steer the launcher rather than describe the run.
-RUN_FLAGS = ("--config", "--dry-run", "--gpu-memory-gb")
+RUN_FLAGS = ("--config", "--dry-run", "--gpu-memory-gb", "--mfu")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class RunOptions:
 
     config_path: Optional[str] = None
     dry_run: bool = False
+    gpu_memory_gb: Optional[float] = None  # --dry-run: flag stages that need more
+    mfu: float = 0.4  # --dry-run: model FLOPs utilisation for the tokens/s estimate
 
 
 def _field_to_section() -> Dict[str, str]:
@@ -56,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true",
         help="Validate, print the plan (rank layout, parameters, FLOPs) and exit.",
+    )
+    parser.add_argument(
+        "--gpu-memory-gb", type=float, metavar="GIB",
+        help="With --dry-run: GPU memory in GiB; stages whose estimate exceeds it are flagged.",
+    )
+    parser.add_argument(
+        "--mfu", type=float, metavar="FRACTION",
+        help="With --dry-run: model FLOPs utilisation for the tokens/s estimate (default: 0.4).",
     )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
@@ -86,9 +100,21 @@ def parse_cli(argv: Sequence[str]) -> tuple[RunOptions, Dict[str, Any]]:
         raise ConfigError.unknown("flag", bad.split("=", 1)[0], flags)
     values = vars(known)
     options = RunOptions(
-        config_path=values.pop("config", None), dry_run=values.pop("dry_run", False)
+        config_path=values.pop("config", None), dry_run=values.pop("dry_run", False),
+        gpu_memory_gb=values.pop("gpu_memory_gb", None), mfu=values.pop("mfu", 0.4),
     )
+    _check_plan_options(options)
     return options, values
+
+
+def _check_plan_options(options: RunOptions) -> None:
+    gib = options.gpu_memory_gb
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        raise ConfigError("--gpu-memory-gb", gib, "a positive number of GiB")
+    if not (math.isfinite(options.mfu) and 0 < options.mfu <= 1):
+        raise ConfigError("--mfu", options.mfu, "a fraction in (0, 1]")
+    if not options.dry_run and (gib is not None or options.mfu != 0.4):
+        logger.warning("--gpu-memory-gb and --mfu only affect --dry-run; ignored for training.")
 
 
 def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
