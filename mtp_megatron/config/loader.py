@@ -169,7 +169,10 @@ def load_config(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, st
     env = os.environ if env is None else env
     options, cli_values = parse_cli(argv)
     yaml_values = read_yaml(options.config_path) if options.config_path else None
-    world = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS")
+    name = "WORLD_SIZE" if env.get("WORLD_SIZE") else "SLURM_NTASKS"
+    world = env.get(name)
+    if world is not None and not world.isdigit():
+        raise ConfigError(name, world, "the launcher's integer world size")
     cfg = build_config(yaml_values, cli_values, int(world) if world else None)
     return cfg, options
 
