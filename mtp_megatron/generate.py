@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -91,21 +92,34 @@ def encode(tokenizer, text: str) -> List[int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mtp_megatron.inference.loading import load_for_generation, single_rank, text_vocab_size
+    prompts = read_prompts(args)
+    if not os.path.exists(args.load):
+        raise UsageError(f"--load {args.load}: no such directory")
+    from mtp_megatron.checkpoint import CheckpointError
+    from mtp_megatron.config import build_config
+    from mtp_megatron.inference.loading import (
+        load_for_generation,
+        read_saved_config,
+        single_rank,
+        text_vocab_size,
+    )
     from mtp_megatron.inference.report import decode_prompts
 
-    prompts = read_prompts(args)
-    with single_rank() as device:
-        model, cfg, tokenizer = load_for_generation(args.load, device)
-        depth = check_args(args, cfg.mtp.mtp_num_layers or 0)
-        ids = [encode(tokenizer, p) for p in prompts]
-        return decode_prompts(
-            model, ids, vocab_size=text_vocab_size(cfg, tokenizer),
-            max_new_tokens=args.max_new_tokens, draft_depth=depth,
-            eod=None if args.ignore_eod else tokenizer.eod,
-            baseline=depth > 0 and not args.no_baseline,
-            detokenize=tokenizer.detokenize,
-        )
+    try:
+        _, saved = read_saved_config(args.load)
+        depth = check_args(args, build_config(saved).mtp.mtp_num_layers or 0)
+        with single_rank() as device:
+            model, cfg, tokenizer = load_for_generation(args.load, device)
+            ids = [encode(tokenizer, p) for p in prompts]
+            return decode_prompts(
+                model, ids, vocab_size=text_vocab_size(cfg, tokenizer),
+                max_new_tokens=args.max_new_tokens, draft_depth=depth,
+                eod=None if args.ignore_eod else tokenizer.eod,
+                baseline=depth > 0 and not args.no_baseline,
+                detokenize=tokenizer.detokenize,
+            )
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -113,14 +127,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    from mtp_megatron.checkpoint import CheckpointError
-    from mtp_megatron.inference.report import format_report
-
     try:
         report = run(args)
-    except (UsageError, CheckpointError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from mtp_megatron.inference.report import format_report
+
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

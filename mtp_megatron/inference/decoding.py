@@ -25,6 +25,7 @@ committed tokens only, plus the one hidden state depth ``d + 1`` will need next
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -105,6 +106,7 @@ def generate(runner: KVCachedRunner, prompt: List[int], *, max_new_tokens: int,
     stats = DecodeStats(draft_depth=draft_depth)
     runner.reset(len(prompt) + max_new_tokens + draft_depth + 1)
     drafter = _MTPDrafter(runner, draft_depth) if draft_depth else None
+    cpu_start = time.process_time()
     with stats.timed("total"):
         with stats.timed("prefill"):
             hidden = runner.main(prompt)
@@ -131,6 +133,7 @@ def generate(runner: KVCachedRunner, prompt: List[int], *, max_new_tokens: int,
                 stats.record_step(k, accepted)
             committed += new
             out += new
+    stats.cpu_seconds = time.process_time() - cpu_start
     out, reason = _cut(out, max_new_tokens, eod)
     stats.generated = len(out)
     return Generation(tokens=out, finish_reason=reason, stats=stats)

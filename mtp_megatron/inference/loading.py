@@ -18,10 +18,11 @@ from typing import Any, Dict, Iterator, Tuple
 import torch
 import yaml
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.tokenizers import MegatronTokenizer
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from mtp_megatron.config import RunConfig, build_config
+from mtp_megatron.data.tokenizers import MOCK_VOCAB_SIZE, mock_tokenizer
+from mtp_megatron.data.tokenizers import build_tokenizer as data_tokenizer
 from mtp_megatron.model.builder import build_gpt_chunk, transformer_config, vocab_size_for
 from mtp_megatron.runtime import distributed
 from mtp_megatron.runtime.launch_env import LaunchEnv, free_port
@@ -66,23 +67,12 @@ def single_rank_config(saved: Dict[str, Dict[str, Any]]) -> RunConfig:
 def build_tokenizer(cfg: RunConfig):
     """The tokenizer the run trained with (the null tokenizer of --mock-data: ids as text)."""
     if cfg.data.mock_data:
-        from mtp_megatron.data.datasets import MOCK_VOCAB_SIZE, mock_tokenizer
-
         return mock_tokenizer(cfg.model.vocab_size or MOCK_VOCAB_SIZE)
-    try:
-        from mtp_megatron.data.tokenizers import build_tokenizer as data_tokenizer
-    except ImportError:  # before the data package had its own tokenizers
-        return MegatronTokenizer.from_pretrained(metadata_path={"library": "byte-level"})
-    return data_tokenizer(getattr(cfg.data, "tokenizer_type", "byte-level"),
-                          getattr(cfg.data, "tokenizer_model", None))
+    return data_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
 
 
 def text_vocab_size(cfg: RunConfig, tokenizer) -> int:
     """Ids the model may emit: --vocab-size, else the tokenizer's (padding excluded)."""
-    if cfg.data.mock_data:
-        from mtp_megatron.data.datasets import MOCK_VOCAB_SIZE
-
-        return cfg.model.vocab_size or MOCK_VOCAB_SIZE
     return cfg.model.vocab_size or tokenizer.vocab_size
 
 

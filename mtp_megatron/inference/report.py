@@ -6,13 +6,31 @@ interleaved, after one warm-up generation, so their tokens/s are comparable.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from mtp_megatron.inference.decoding import generate
+from mtp_megatron.inference.decoding import Generation, generate
 from mtp_megatron.inference.runner import KVCachedRunner
 from mtp_megatron.inference.stats import DecodeStats
+
+
+def run_modes(runner: KVCachedRunner, prompts: List[List[int]], depths: List[int], *,
+              max_new_tokens: int, eod: Optional[int]
+              ) -> Dict[int, Tuple[DecodeStats, List[Generation]]]:
+    """Every prompt with every draft depth (0 = greedy), interleaved prompt by prompt.
+
+    Returns ``{depth: (merged stats, generations in prompt order)}``.
+    """
+    generate(runner, prompts[0], max_new_tokens=min(8, max_new_tokens),
+             draft_depth=max(depths), eod=None)  # warm-up: allocations, first-call costs
+    results = {k: (DecodeStats(draft_depth=k), []) for k in depths}
+    for prompt in prompts:
+        for k in depths:
+            gen = generate(runner, prompt, max_new_tokens=max_new_tokens, draft_depth=k, eod=eod)
+            results[k][0].merge(gen.stats)
+            results[k][1].append(gen)
+    return results
 
 
 def decode_prompts(model: GPTModel, prompts: List[List[int]], *, vocab_size: int,
@@ -25,34 +43,36 @@ def decode_prompts(model: GPTModel, prompts: List[List[int]], *, vocab_size: int
     whether speculative decoding reproduced greedy decoding token for token.
     """
     runner = KVCachedRunner(model, vocab_size)
-    generate(runner, prompts[0], max_new_tokens=min(8, max_new_tokens),
-             draft_depth=draft_depth, eod=None)  # warm-up: allocations, first-call costs
-    modes = [draft_depth] + ([0] if draft_depth and baseline else [])
-    totals = {k: DecodeStats(draft_depth=k) for k in modes}
+    depths = [0, draft_depth] if draft_depth and baseline else [draft_depth]
+    results = run_modes(runner, prompts, depths, max_new_tokens=max_new_tokens, eod=eod)
+    stats, gens = results[draft_depth]
     outputs = []
-    for prompt in prompts:
-        results = {}
-        for k in sorted(modes):  # greedy first, then speculative, per prompt
-            gen = generate(runner, prompt, max_new_tokens=max_new_tokens, draft_depth=k, eod=eod)
-            totals[k].merge(gen.stats)
-            results[k] = gen
-        main = results[draft_depth]
-        entry = {"prompt_tokens": len(prompt), "tokens": main.tokens,
-                 "finish_reason": main.finish_reason}
+    for i, (prompt, gen) in enumerate(zip(prompts, gens)):
+        entry = {"prompt_tokens": len(prompt), "tokens": gen.tokens,
+                 "finish_reason": gen.finish_reason}
         if detokenize is not None:
-            entry["text"] = detokenize([t for t in main.tokens if t != eod])
-        if len(results) > 1:
-            entry["matches_greedy"] = main.tokens == results[0].tokens
+            entry["text"] = detokenize([t for t in gen.tokens if t != eod])
+        if len(depths) > 1:
+            entry["matches_greedy"] = gen.tokens == results[0][1][i].tokens
         outputs.append(entry)
     report = {"mode": "mtp-speculative" if draft_depth else "greedy", "outputs": outputs,
-              draft_key(draft_depth): totals[draft_depth].summary()}
-    if len(modes) > 1:
-        greedy, spec = totals[0], totals[draft_depth]
+              draft_key(draft_depth): stats.summary()}
+    if len(depths) > 1:
+        greedy = results[0][0]
         report["greedy"] = greedy.summary()
-        report["speedup"] = round(spec.tokens_per_second / greedy.tokens_per_second, 3) \
-            if greedy.tokens_per_second else None
+        report["speedup"] = speedup(stats, greedy)
         report["matches_greedy"] = all(o["matches_greedy"] for o in outputs)
     return report
+
+
+def speedup(spec: DecodeStats, greedy: DecodeStats, cpu: bool = False) -> Optional[float]:
+    """Ratio of tokens/s (of wall time, or with ``cpu`` of process CPU time), speculative
+    over greedy: same prompts, same process."""
+    if cpu:
+        a, b = spec.tokens_per_cpu_second, greedy.tokens_per_cpu_second
+    else:
+        a, b = spec.tokens_per_second, greedy.tokens_per_second
+    return round(a / b, 3) if b else None
 
 
 def draft_key(draft_depth: int) -> str:

@@ -36,6 +36,7 @@ class DecodeStats:
     seconds: Dict[str, float] = field(
         default_factory=lambda: {"prefill": 0.0, "verify": 0.0, "draft": 0.0, "total": 0.0}
     )
+    cpu_seconds: float = 0.0  # process CPU time of the whole generation (all threads)
 
     def __post_init__(self):
         for name in ("drafted", "reached", "accepted"):
@@ -63,7 +64,8 @@ class DecodeStats:
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         if other.draft_depth != self.draft_depth:
             raise ValueError("cannot merge stats of different draft depths")
-        for name in ("generated", "main_forwards", "mtp_forwards", "steps", "accepted_tokens"):
+        for name in ("generated", "main_forwards", "mtp_forwards", "steps", "accepted_tokens",
+                     "cpu_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("drafted", "reached", "accepted"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
@@ -94,6 +96,11 @@ class DecodeStats:
     def tokens_per_second(self) -> float:
         return self.generated / self.seconds["total"] if self.seconds["total"] else 0.0
 
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        """Tokens per second of process CPU time: steadier than wall time on a busy host."""
+        return self.generated / self.cpu_seconds if self.cpu_seconds else 0.0
+
     def time_shares(self) -> Dict[str, float]:
         """Fraction of wall time in prefill, verify (main forwards), draft, the rest."""
         total = self.seconds["total"] or 1.0
@@ -113,5 +120,6 @@ class DecodeStats:
             "main_forwards_per_token": round(self.forwards_per_token, 4),
             "mtp_forwards": self.mtp_forwards,
             "tokens_per_second": round(self.tokens_per_second, 2),
+            "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 2),
             "time_shares": {k: round(v, 3) for k, v in self.time_shares().items()},
         }
