@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import traceback
 from typing import Any, Callable, List
 
@@ -28,7 +29,8 @@ def _entry(fn, rank, world_size, port, args, queue):
         import torch
 
         torch.set_num_threads(1)
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        # plain pickle: tensors travel by value, not as shared memory the exiting child owns
+        queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report every failure to the parent
         queue.put((rank, False, traceback.format_exc()))
 
@@ -47,7 +49,7 @@ def spawn(world_size: int, fn: Callable, *args: Any, timeout: float = 600) -> Li
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break
