@@ -17,7 +17,7 @@ logger = logging.getLogger("mtp_megatron")
 
 
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout,
         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S",

@@ -42,6 +42,9 @@ from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 logger = logging.getLogger("mtp_megatron")
 
 CHECKPOINT_VERSION = 1
+# Keys in the checkpoint that this load does not ask for (e.g. the optimizer when
+# --no-load-optim) are fine; missing ones are errors.
+LENIENT = StrictHandling.ASSUME_OK_UNEXPECTED
 # Settings that must match between the checkpoint and the model it is loaded into.
 SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -182,6 +185,12 @@ def check_compatible(directory: str, cfg: RunConfig) -> Dict[str, Any]:
     return saved
 
 
+def _describe(error: Optional[BaseException]) -> str:
+    if error is None:
+        return "failed on another rank"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
 def _agree(ok: bool) -> bool:
     """True on every rank only if ``ok`` on every rank (so no rank hangs alone)."""
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
@@ -205,14 +214,14 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
                                                                   metadata=md)
     error = None
     try:
-        loaded = dist_checkpointing.load(sharded, directory, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
         common = dist_checkpointing.load_common_state_dict(directory)["common"]
     except Exception as exc:  # a missing shard, a truncated file: name the path
         error = exc
     if not _agree(error is None):
         raise CheckpointError(
             f"{directory}: cannot be loaded, it is incomplete or corrupt "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:300] if error else 'on another rank'})"
+            f"({_describe(error)})"
         )
     for i, chunk in enumerate(state.model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(state.model))], strict=True)
@@ -223,7 +232,7 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
             rng = dist_checkpointing.load(
-                {"rng_state": _rng_state()}, directory, strict=StrictHandling.ASSUME_OK_UNEXPECTED
+                {"rng_state": _rng_state()}, directory, strict=LENIENT
             )["rng_state"]
             _set_rng_state(rng)
         else:
@@ -248,7 +257,7 @@ def load_model_weights(path: str, model_chunks: List[torch.nn.Module]) -> Dict[s
     md = _metadata(False)
     sharded = _model_state(model_chunks, md)
     try:
-        loaded = dist_checkpointing.load(sharded, directory, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
     except Exception as exc:
         raise CheckpointError(f"{directory}: cannot load the model weights ({exc})") from None
     for i, chunk in enumerate(model_chunks):

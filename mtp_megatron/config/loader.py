@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from mtp_megatron.config.fields import ConfigError, closest, flag_of
+from mtp_megatron.config.fields import ConfigError, flag_of
 from mtp_megatron.config.sections import SECTIONS, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
                     raise ConfigError(
                         "--config", path, f"{key} under {owner}:", f"{key} is not a {section} key"
                     )
-                raise ConfigError.unknown("key", f"{section}.{key}", [f"{section}.{n}" for n in names], where=path)
+                raise ConfigError.unknown(
+                    "key", f"{section}.{key}", [f"{section}.{n}" for n in names], where=path
+                )
     return data
 
 

@@ -43,7 +43,8 @@ def _check_types(section) -> None:
         if f.metadata.get("type") is bool:
             check_bool(flag_of(f.name), value)
         elif f.metadata.get("choices"):
-            check_choice(flag_of(f.name), value, f.metadata["choices"], allow_none=f.default is None)
+            check_choice(flag_of(f.name), value, f.metadata["choices"],
+                         allow_none=f.default is None)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,8 @@ class ParallelConfig:
                   self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
         check_int("--world-size", self.world_size, 1, allow_none=True)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ConfigError("--sequence-parallel", True, "only with --tensor-model-parallel-size > 1")
+            raise ConfigError("--sequence-parallel", True,
+                              "only with --tensor-model-parallel-size > 1")
         if self.num_layers_per_virtual_pipeline_stage and self.pipeline_model_parallel_size == 1:
             raise ConfigError(
                 "--num-layers-per-virtual-pipeline-stage",
@@ -413,7 +415,8 @@ class CheckpointConfig:
         check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
         check_float("--exit-duration-in-mins", self.exit_duration_in_mins, 0.0, allow_none=True)
         if self.save_interval and not self.save:
-            raise ConfigError("--save-interval", self.save_interval, "only together with --save DIR")
+            raise ConfigError("--save-interval", self.save_interval,
+                              "only together with --save DIR")
         exits = self.exit_signal_handler or self.exit_duration_in_mins or self.exit_interval
         if exits and not self.save:
             logger.warning("--exit-signal-handler/--exit-duration-in-mins/--exit-interval "
@@ -498,6 +501,11 @@ class RunConfig:
                 "--tensor-model-parallel-size", tp,
                 f"a divisor of --num-attention-heads={model.num_attention_heads}",
             )
+        if model.ffn_size % tp:
+            raise ConfigError(
+                "--tensor-model-parallel-size", tp,
+                f"a divisor of the MLP width --ffn-hidden-size={model.ffn_size}",
+            )
         if model.query_groups % tp:
             raise ConfigError(
                 "--tensor-model-parallel-size", tp,
@@ -545,7 +553,8 @@ class RunConfig:
     @property
     def num_microbatches(self) -> int:
         train = self.training
-        return train.global_batch_size // (train.micro_batch_size * self.parallel.data_parallel_size)
+        per_step = train.micro_batch_size * self.parallel.data_parallel_size
+        return train.global_batch_size // per_step
 
     @property
     def virtual_pipeline_size(self) -> Optional[int]:

@@ -25,13 +25,9 @@ from dataclasses import dataclass
 from typing import Dict
 
 from mtp_megatron.config import RunConfig
-from mtp_megatron.model.counting import Sizes, sizes
+from mtp_megatron.model.counting import Sizes, layer_matmul_params, sizes
 
 GIB = 1024**3
-
-
-def _norm(cfg: RunConfig, width: int) -> int:
-    return width * (2 if cfg.model.normalization == "LayerNorm" else 1)
 
 
 @dataclass(frozen=True)
@@ -55,8 +51,8 @@ class Shards:
 def layer_shards(cfg: RunConfig, s: Sizes) -> Shards:
     """One transformer layer."""
     g = 2 if s.swiglu else 1
-    split = s.h * (s.h + 2 * s.kv) + s.h * s.h + s.h * s.ffn * g + s.ffn * s.h
-    replicated = 2 * _norm(cfg, s.h)
+    split = layer_matmul_params(s)
+    replicated = 2 * s.norm
     if s.bias:
         split += (s.h + 2 * s.kv) + s.ffn * g
         replicated += 2 * s.h  # the row-parallel biases: attention proj and fc2
@@ -66,7 +62,7 @@ def layer_shards(cfg: RunConfig, s: Sizes) -> Shards:
 def mtp_shards(cfg: RunConfig, s: Sizes) -> Shards:
     """One MTP module: enorm, hnorm, eh_proj (column-parallel, 2h -> h), a layer, a norm."""
     layer = layer_shards(cfg, s)
-    return Shards(2 * s.h * s.h + layer.split, 3 * _norm(cfg, s.h) + layer.replicated)
+    return Shards(2 * s.h * s.h + layer.split, 3 * s.norm + layer.replicated)
 
 
 def stage_shards(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, Shards]:
@@ -85,7 +81,7 @@ def stage_shards(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, Sha
         "decoder": layer_shards(cfg, s) * (cfg.model.num_layers // pp),
         "embedding": embedding if (first or mtp_here) else none,
         "output": Shards(s.vocab * s.h, 0) if output else none,
-        "final_norm": Shards(0, _norm(cfg, s.h)) if last else none,
+        "final_norm": Shards(0, s.norm) if last else none,
         "mtp": mtp_shards(cfg, s) * depth,
     }
 

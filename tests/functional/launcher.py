@@ -33,7 +33,8 @@ class Run:
         return [r for r in rows if r.get("split") == split]
 
     def __repr__(self) -> str:
-        return f"rc={self.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
+        return (f"rc={self.returncode}\nstdout:\n{self.stdout[-3000:]}"
+                f"\nstderr:\n{self.stderr[-3000:]}")
 
 
 def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bool = True,

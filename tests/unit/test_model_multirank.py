@@ -13,13 +13,14 @@ from tests.dist_utils import spawn
 
 
 def _build_and_step(rank, world_size, cli, output_dir):
+    import os
+
     from megatron.core import parallel_state as ps
 
     from mtp_megatron.config import build_config
-    from mtp_megatron.model.counting import stage_params
+    from mtp_megatron.plan.memory import stage_params
     from mtp_megatron.runtime.launch_env import read_launch_env
     from mtp_megatron.training.trainer import Trainer
-    import os
 
     cfg = build_config(None, dict(cli, output_dir=output_dir, mock_data=True), world_size)
     trainer = Trainer(cfg, read_launch_env(os.environ), "local")
@@ -34,7 +35,7 @@ def _build_and_step(rank, world_size, cli, output_dir):
         total = torch.tensor([local])
         torch.distributed.all_reduce(total, group=ps.get_tensor_model_parallel_group())
         pp_rank = ps.get_pipeline_model_parallel_rank()
-        expected = stage_params(cfg, trainer.vocab_size, pp_rank).total
+        expected = stage_params(cfg, trainer.vocab_size, pp_rank)["total"]
         step = trainer.train_step()
         return {
             "pp_rank": pp_rank,
