@@ -107,7 +107,7 @@ def _view_of(data: torch.Tensor, attr: Optional[str], params) -> Optional[torch.
 
 
 def full_weights(chunks, attr: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Global fp32 tensors of a model that lives entirely on this rank (TP = PP = 1).
+    """Global fp32 CPU tensors of a model that lives entirely on this rank (TP = PP = 1).
 
     ``attr`` takes a tensor attached to each parameter instead of the weight, e.g.
     ``"main_grad"`` for the gradients megatron-core's DDP accumulated. Raises
@@ -123,7 +123,7 @@ def full_weights(chunks, attr: Optional[str] = None) -> Dict[str, torch.Tensor]:
         if sh.key not in full:
             full[sh.key] = torch.zeros(sh.global_shape, dtype=torch.float32)
             covered[sh.key] = 0
-        full[sh.key][local_slice(sh)] = local.detach().float()
+        full[sh.key][local_slice(sh)] = local.detach().float().cpu()
         covered[sh.key] += local.numel()
     for key, tensor in full.items():
         if covered[key] < tensor.numel():
@@ -162,6 +162,6 @@ def compare_to_full(chunks, full: Dict[str, torch.Tensor],
         local = _view_of(sh.data, attr, params)
         if local is None:
             continue
-        diff = (local.detach().float() - full[sh.key][local_slice(sh)]).abs().max().item()
+        diff = (local.detach().float().cpu() - full[sh.key][local_slice(sh)]).abs().max().item()
         diffs[sh.key] = max(diffs.get(sh.key, 0.0), diff)
     return diffs

@@ -84,13 +84,15 @@ def _initialize_in_place(cfg, launch, _original=distributed.initialize):
         context_parallel_size=par.context_parallel_size,
     )
     distributed.set_seeds(cfg.training.seed)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def make_trainer(cfg) -> Trainer:
+def make_trainer(cfg, transformer_impl: str = "local") -> Trainer:
     """Our Trainer for ``cfg``, its data given loss-mask holes (see HoleyDataset)."""
     distributed.initialize = _initialize_in_place
-    trainer = Trainer(cfg, read_launch_env(os.environ), "local")
+    trainer = Trainer(cfg, read_launch_env(os.environ), transformer_impl)
     if cfg.virtual_pipeline_size and trainer.tconfig.batch_p2p_comm:
         use_separate_p2p_ops(trainer.tconfig)
     old = trainer.sampler
