@@ -26,13 +26,14 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
             "--nproc-per-node/--nnodes", launch.world_size,
             f"a multiple of TP x PP x CP = {cfg.parallel.model_parallel_size}",
         )
+    # FP8 first: without a GPU or TE its message names --fp8-format and the cause.
+    check_fp8_runtime(cfg.training.fp8_format, cfg.training.fp8_recipe)
     transformer_impl = resolve_transformer_impl(cfg.model.transformer_impl)
     if cfg.training.fp8_format and transformer_impl != "transformer_engine":
         raise ConfigError(
             "--fp8-format", cfg.training.fp8_format,
             "only with --transformer-impl transformer_engine",
         )
-    check_fp8_runtime(cfg.training.fp8_format)
     if cfg.logging.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "--tensorboard-dir", cfg.logging.tensorboard_dir, "only with tensorboard installed",
