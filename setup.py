@@ -14,6 +14,7 @@ setup(
         "pyyaml",
         "psutil",
         "numpy",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest"],
@@ -22,6 +23,7 @@ setup(
         # package of that name is unrelated); it is detected at run time in NGC images.
         "te": ["transformer_engine[pytorch]"],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],  # benchmarks/speculative_decoding.py's PNG
         "dev": ["pytest", "ruff"],
     },
 )

@@ -212,10 +212,15 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     if load_optim:
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=md)
-    error = None
+    error, rng = None, None
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
         common = dist_checkpointing.load_common_state_dict(directory)["common"]
+        if common.get("layout") == _layout(state.cfg) and not (
+                checkpoint.no_load_rng or checkpoint.finetune):
+            rng = dist_checkpointing.load(
+                {"rng_state": _rng_state()}, directory, strict=LENIENT
+            )["rng_state"]
     except Exception as exc:  # a missing shard, a truncated file: name the path
         error = exc
     if not _agree(error is None):
@@ -231,9 +236,6 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
-            rng = dist_checkpointing.load(
-                {"rng_state": _rng_state()}, directory, strict=LENIENT
-            )["rng_state"]
             _set_rng_state(rng)
         else:
             logger.warning("%s was saved with layout %s, this run is %s: RNG states not loaded",

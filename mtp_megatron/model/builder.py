@@ -69,8 +69,19 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         use_cpu_initialization=on_cpu,
         mtp_num_layers=mtp.mtp_num_layers,
         mtp_loss_scaling_factor=mtp.mtp_loss_scaling_factor,
+        **_p2p_settings(cfg),
         **fp8,
     )
+
+
+def _p2p_settings(cfg: RunConfig) -> dict:
+    """With virtual pipeline stages and PP=2 the previous and next stage are the same
+    rank, and megatron-core's batched p2p (its default) swaps activations and gradients
+    from the third microbatch on (NVIDIA/Megatron-LM#750, #1450). Use separate,
+    overlapped sends/receives with VPP, as Megatron-LM does."""
+    if cfg.virtual_pipeline_size:
+        return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
+    return {}
 
 
 def layer_spec(cfg: RunConfig, transformer_impl: str):

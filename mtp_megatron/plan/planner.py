@@ -15,9 +15,11 @@ from mtp_megatron.model.counting import flops_per_token, sizes
 from mtp_megatron.plan import memory
 from mtp_megatron.plan.layout import StageLayout, stage_layouts, world_size
 
-# The mock tokenizer's vocabulary, used when --vocab-size is not given
-# (mtp_megatron.data.datasets.MOCK_VOCAB_SIZE; kept here so planning imports no torch).
+# Vocabularies used when --vocab-size is not given, kept here so planning imports no
+# torch: the mock tokenizer's (data.datasets.MOCK_VOCAB_SIZE) and the byte-level one's
+# (256 bytes + EOD + pad, data.tokenizers). Other tokenizers: pass --vocab-size.
 DEFAULT_VOCAB = 512
+BYTE_LEVEL_VOCAB = 258
 # H100 SXM dense bf16 tensor-core peak; MFU is measured against it.
 H100_BF16_TFLOPS = 989.0
 
@@ -81,7 +83,10 @@ class Plan:
 
 
 def plan_vocab_size(cfg: RunConfig) -> int:
-    return padded_vocab_size(cfg.model.vocab_size or DEFAULT_VOCAB,
+    default = DEFAULT_VOCAB
+    if not cfg.data.mock_data and cfg.data.tokenizer_type == "byte-level":
+        default = BYTE_LEVEL_VOCAB
+    return padded_vocab_size(cfg.model.vocab_size or default,
                              cfg.model.make_vocab_size_divisible_by,
                              cfg.parallel.tensor_model_parallel_size)
 

@@ -197,8 +197,6 @@ def test_the_baseline_trains(runs):
         assert moved > 10 * WEIGHT_TOL  # Adam: about lr = 1e-3 per step
 
 
-@pytest.mark.xfail(strict=True, reason="builder.transformer_config keeps megatron-core's p2p "
-                   "defaults; the layout runs above apply harness.use_separate_p2p_ops")
 def test_builder_uses_separate_p2p_ops_with_virtual_pipeline(tmp_path):
     """With PP=2 and VPP, batched p2p swaps activations and gradients (see
     harness.use_separate_p2p_ops): the built config must not batch them."""
