@@ -27,6 +27,7 @@ import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
@@ -45,6 +46,9 @@ CHECKPOINT_VERSION = 1
 # Keys in the checkpoint that this load does not ask for (e.g. the optimizer when
 # --no-load-optim) are fine; missing ones are errors.
 LENIENT = StrictHandling.ASSUME_OK_UNEXPECTED
+# torch.distributed.checkpoint reports a failed read as CheckpointException, which
+# derives from BaseException, not Exception.
+LOAD_ERRORS = (Exception, CheckpointException)
 # Settings that must match between the checkpoint and the model it is loaded into.
 SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -221,7 +225,7 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
             rng = dist_checkpointing.load(
                 {"rng_state": _rng_state()}, directory, strict=LENIENT
             )["rng_state"]
-    except Exception as exc:  # a missing shard, a truncated file: name the path
+    except LOAD_ERRORS as exc:  # a missing shard, a truncated file: name the path
         error = exc
     if not _agree(error is None):
         raise CheckpointError(
@@ -260,7 +264,7 @@ def load_model_weights(path: str, model_chunks: List[torch.nn.Module]) -> Dict[s
     sharded = _model_state(model_chunks, md)
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
-    except Exception as exc:
+    except LOAD_ERRORS as exc:
         raise CheckpointError(f"{directory}: cannot load the model weights ({exc})") from None
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
