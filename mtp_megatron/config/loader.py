@@ -32,8 +32,6 @@ from mtp_megatron.config.sections import SECTIONS, RunConfig
 
 logger = logging.getLogger(__name__)
 
-# Flags that steer the launcher rather than describe the run.
-RUN_FLAGS = ("--config", "--dry-run", "--gpu-memory-gb", "--mfu")
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from mtp_megatron.config import ConfigError, RunConfig
+from mtp_megatron.config import RunConfig
 from mtp_megatron.runtime import cpu_bridge
 from mtp_megatron.runtime.launch_env import LaunchEnv
 
 
 def initialize(cfg: RunConfig, launch: LaunchEnv) -> torch.device:
     """Process group, model-parallel groups and seeds. Returns this rank's device."""
-    par = cfg.parallel
-    if par.world_size is not None and par.world_size != launch.world_size:
-        raise ConfigError(
-            "--world-size", par.world_size, f"the launcher's world size {launch.world_size}"
-        )
+    par = cfg.parallel  # preflight() already matched --world-size with the launcher
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
         device, backend = torch.device("cuda", launch.local_rank), "nccl"

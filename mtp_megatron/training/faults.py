@@ -12,7 +12,6 @@ on rank 0, so the detection path runs end to end.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -89,6 +88,3 @@ def step_is_finite(model_chunks: List[torch.nn.Module], lm_loss_reports, iterati
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
-
-def is_finite(value: Optional[float]) -> bool:
-    return value is None or math.isfinite(value)
