@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from dataclasses import fields
 from typing import Any, Iterable, Optional
 
 
@@ -79,3 +80,14 @@ def check_choice(flag: str, value: Any, choices: Iterable, *, allow_none: bool =
 def check_bool(flag: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(flag, value, "true or false")
+
+
+def check_types(section) -> None:
+    """Generic checks from field metadata: bools are bools, choices are respected."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("type") is bool:
+            check_bool(flag_of(f.name), value)
+        elif f.metadata.get("choices"):
+            check_choice(flag_of(f.name), value, f.metadata["choices"],
+                         allow_none=f.default is None)

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from mtp_megatron.config.fields import ConfigError, flag_of
-from mtp_megatron.config.sections import SECTIONS, RunConfig
+from mtp_megatron.config.run import SECTIONS, RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from mtp_megatron.config import ConfigError, DataConfig, ModelConfig, TrainingConfig
-from mtp_megatron.config.sections import parse_blend, parse_split
+from mtp_megatron.config.data import parse_blend, parse_split
 from mtp_megatron.data.corpus import ensure_stdlib_corpus
 from mtp_megatron.data.tokenizers import MOCK_VOCAB_SIZE, build_tokenizer, mock_tokenizer
 

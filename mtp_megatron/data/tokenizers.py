@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizer
 
+from mtp_megatron.config.data import TOKENIZER_TYPES
 from mtp_megatron.config.fields import ConfigError
-from mtp_megatron.config.sections import TOKENIZER_TYPES
 
 BYTE_EOD, BYTE_PAD, BYTE_VOCAB = 256, 257, 258
 MOCK_VOCAB_SIZE = 512

@@ -102,7 +102,7 @@ def test_recipes_match_megatron_core():
     quantizer factory we do not expose)."""
     from megatron.core.enums import Fp8Recipe
 
-    from mtp_megatron.config.sections import FP8_RECIPES
+    from mtp_megatron.config.training import FP8_RECIPES
 
     assert set(FP8_RECIPES) == {r.value for r in Fp8Recipe} - {"custom"}
     assert set(accel.FP8_RECIPE_NEEDS) == set(FP8_RECIPES)

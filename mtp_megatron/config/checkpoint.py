@@ -1,0 +1,69 @@
+"""Saving, loading and exit flags (``checkpoint:`` in YAML)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from mtp_megatron.config.fields import (
+    ConfigError,
+    check_float,
+    check_int,
+    check_types,
+    option,
+)
+
+logger = logging.getLogger(__name__)
+
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving, loading and leaving cleanly (megatron-core dist_checkpointing, torch_dist)."""
+
+    save: Optional[str] = option(
+        None, "Save checkpoints here (and resume from here when --load is not given).", type=str
+    )
+    load: Optional[str] = option(
+        None, "Resume from the latest complete checkpoint in this directory.", type=str
+    )
+    save_interval: Optional[int] = option(None, "Save every N iterations.", type=int)
+    no_load_optim: bool = option(
+        False, "Load the model but not the optimizer and LR scheduler states.", type=bool
+    )
+    no_load_rng: bool = option(False, "Do not restore the RNG states.", type=bool)
+    finetune: bool = option(
+        False, "Load only the model; start at iteration 0 with a fresh optimizer.", type=bool
+    )
+    exit_signal_handler: bool = option(
+        False, "On --exit-signal: finish the iteration, save, exit 0.", type=bool
+    )
+    exit_signal: str = option(
+        "SIGTERM", "The signal --exit-signal-handler catches.", type=str, choices=EXIT_SIGNALS
+    )
+    exit_duration_in_mins: Optional[float] = option(
+        None, "Save and exit after this many minutes of training.", type=float
+    )
+    exit_interval: Optional[int] = option(
+        None, "Save and exit when the iteration is a multiple of this.", type=int
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        check_int("--save-interval", self.save_interval, 1, allow_none=True)
+        check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
+        check_float("--exit-duration-in-mins", self.exit_duration_in_mins, 0.0, allow_none=True)
+        if self.save_interval and not self.save:
+            raise ConfigError("--save-interval", self.save_interval,
+                              "only together with --save DIR")
+        exits = self.exit_signal_handler or self.exit_duration_in_mins or self.exit_interval
+        if exits and not self.save:
+            logger.warning("--exit-signal-handler/--exit-duration-in-mins/--exit-interval "
+                           "without --save: the run will stop but save nothing.")
+
+    @property
+    def resume_from(self) -> Optional[str]:
+        """Where to look for a checkpoint: --load, else --save (auto-resume)."""
+        return self.load or self.save

@@ -1,0 +1,105 @@
+"""GPT architecture flags (``model:`` in YAML)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from mtp_megatron.config.fields import (
+    ConfigError,
+    check_float,
+    check_int,
+    check_types,
+    flag_of,
+    option,
+)
+
+POSITION_EMBEDDINGS = ("rope", "none", "learned_absolute")
+MTP_POSITION_EMBEDDINGS = ("rope", "none")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT architecture. The defaults train in about a minute on 2 CPU cores."""
+
+    num_layers: int = option(4, "Number of transformer layers in the decoder.", type=int)
+    hidden_size: int = option(128, "Transformer hidden size.", type=int)
+    num_attention_heads: int = option(4, "Number of attention heads.", type=int)
+    num_query_groups: Optional[int] = option(
+        None, "Query groups for grouped-query attention (default: one per head).", type=int
+    )
+    ffn_hidden_size: Optional[int] = option(
+        None, "MLP hidden size (default: 4 x hidden size).", type=int
+    )
+    seq_length: int = option(128, "Sequence length of a training sample.", type=int)
+    max_position_embeddings: Optional[int] = option(
+        None, "Maximum positions (default: --seq-length).", type=int
+    )
+    vocab_size: Optional[int] = option(
+        None, "Vocabulary size (default: the tokenizer's; 512 with --mock-data).", type=int
+    )
+    make_vocab_size_divisible_by: int = option(
+        128, "Pad the vocabulary to a multiple of this times TP.", type=int
+    )
+    position_embedding_type: str = option(
+        "rope", "Position embedding.", type=str, choices=POSITION_EMBEDDINGS
+    )
+    normalization: str = option("RMSNorm", "Normalization layer.", type=str, choices=NORMALIZATIONS)
+    swiglu: bool = option(False, "Use a SwiGLU MLP.", type=bool)
+    disable_bias_linear: bool = option(False, "No bias in linear layers.", type=bool)
+    untie_embeddings_and_output_weights: bool = option(
+        False, "Separate input embedding and output head weights.", type=bool
+    )
+    hidden_dropout: float = option(0.0, "Dropout after attention and MLP.", type=float)
+    attention_dropout: float = option(0.0, "Dropout on attention probabilities.", type=float)
+    init_method_std: float = option(0.02, "Std of the normal weight initialisation.", type=float)
+    transformer_impl: Optional[str] = option(
+        None,
+        "Layer implementation (default: transformer_engine on a GPU when TE imports, "
+        "else local).",
+        type=str,
+        choices=TRANSFORMER_IMPLS,
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            check_int(flag_of(name), getattr(self, name), 1)
+        for name in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings"):
+            check_int(flag_of(name), getattr(self, name), 1, allow_none=True)
+        check_int("--vocab-size", self.vocab_size, 2, allow_none=True)
+        check_int("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by, 1)
+        for name in ("hidden_dropout", "attention_dropout", "init_method_std"):
+            check_float(flag_of(name), getattr(self, name), 0.0)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                "--hidden-size", self.hidden_size,
+                f"a multiple of --num-attention-heads={self.num_attention_heads}",
+            )
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                "--num-query-groups", self.num_query_groups,
+                f"a divisor of --num-attention-heads={self.num_attention_heads}",
+            )
+        if self.max_position_embeddings and self.max_position_embeddings < self.seq_length:
+            raise ConfigError(
+                "--max-position-embeddings", self.max_position_embeddings,
+                f"at least --seq-length={self.seq_length}",
+            )
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: round the vocabulary up to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)

@@ -1,0 +1,65 @@
+"""How the model and the batch are split over ranks (``parallel:`` in YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mtp_megatron.config.fields import (
+    ConfigError,
+    check_int,
+    check_types,
+    flag_of,
+    option,
+)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model and the batch are split over ranks (Megatron's order tp-cp-dp-pp)."""
+
+    tensor_model_parallel_size: int = option(1, "Tensor parallel size (TP).", type=int)
+    pipeline_model_parallel_size: int = option(1, "Pipeline parallel size (PP).", type=int)
+    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
+        None, "Layers per virtual pipeline stage (interleaved schedule).", type=int
+    )
+    context_parallel_size: int = option(1, "Context parallel size (CP).", type=int)
+    sequence_parallel: bool = option(False, "Sequence parallelism (needs TP > 1).", type=bool)
+    use_distributed_optimizer: bool = option(
+        False, "Shard optimizer state over data parallel ranks.", type=bool
+    )
+    world_size: Optional[int] = option(
+        None, "World size (default: from the launcher; set it for --dry-run).", type=int
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            check_int(flag_of(name), getattr(self, name), 1)
+        check_int("--num-layers-per-virtual-pipeline-stage",
+                  self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
+        check_int("--world-size", self.world_size, 1, allow_none=True)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("--sequence-parallel", True,
+                              "only with --tensor-model-parallel-size > 1")
+        if self.num_layers_per_virtual_pipeline_stage and self.pipeline_model_parallel_size == 1:
+            raise ConfigError(
+                "--num-layers-per-virtual-pipeline-stage",
+                self.num_layers_per_virtual_pipeline_stage,
+                "only with --pipeline-model-parallel-size > 1",
+            )
+        if self.world_size is not None and self.world_size % self.model_parallel_size:
+            raise ConfigError(
+                "--world-size", self.world_size,
+                f"a multiple of TP x PP x CP = {self.model_parallel_size}",
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return (self.world_size or self.model_parallel_size) // self.model_parallel_size

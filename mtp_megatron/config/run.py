@@ -1,0 +1,136 @@
+"""The whole run: the sections composed, and the rules that span sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mtp_megatron.config.checkpoint import CheckpointConfig
+from mtp_megatron.config.data import DataConfig
+from mtp_megatron.config.fields import ConfigError
+from mtp_megatron.config.logs import LoggingConfig
+from mtp_megatron.config.model import MTP_POSITION_EMBEDDINGS, ModelConfig
+from mtp_megatron.config.mtp import MTPConfig
+from mtp_megatron.config.parallel import ParallelConfig
+from mtp_megatron.config.training import TrainingConfig
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "mtp": MTPConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run. Cross-section rules live here."""
+
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    mtp: MTPConfig = MTPConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self):
+        self._check_mtp()
+        self._check_parallel_split()
+        self._check_precision()
+
+    def _check_mtp(self) -> None:
+        mtp, model, par = self.mtp, self.model, self.parallel
+        if not mtp.enabled:
+            return
+        if par.context_parallel_size > 1:
+            raise ConfigError(
+                "--context-parallel-size", par.context_parallel_size,
+                "1 when --mtp-num-layers is set",
+                "MTP is not supported with context parallelism in mtp_megatron",
+            )
+        if model.position_embedding_type not in MTP_POSITION_EMBEDDINGS:
+            raise ConfigError(
+                "--position-embedding-type", model.position_embedding_type,
+                "rope or none when --mtp-num-layers is set",
+                "the MTP layers need relative positions",
+            )
+        if model.seq_length <= mtp.mtp_num_layers:
+            raise ConfigError(
+                "--seq-length", model.seq_length,
+                f"more than --mtp-num-layers={mtp.mtp_num_layers}",
+                "depth k predicts the token k+1 ahead",
+            )
+
+    def _check_parallel_split(self) -> None:
+        model, par, train = self.model, self.parallel, self.training
+        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        if model.num_attention_heads % tp:
+            raise ConfigError(
+                "--tensor-model-parallel-size", tp,
+                f"a divisor of --num-attention-heads={model.num_attention_heads}",
+            )
+        if model.ffn_size % tp:
+            raise ConfigError(
+                "--tensor-model-parallel-size", tp,
+                f"a divisor of the MLP width --ffn-hidden-size={model.ffn_size}",
+            )
+        if model.query_groups % tp:
+            raise ConfigError(
+                "--tensor-model-parallel-size", tp,
+                f"a divisor of --num-query-groups={model.query_groups}",
+            )
+        if model.num_layers % pp:
+            raise ConfigError(
+                "--pipeline-model-parallel-size", pp,
+                f"a divisor of --num-layers={model.num_layers}",
+            )
+        vstage = par.num_layers_per_virtual_pipeline_stage
+        if vstage and (model.num_layers // pp) % vstage:
+            raise ConfigError(
+                "--num-layers-per-virtual-pipeline-stage", vstage,
+                f"a divisor of the {model.num_layers // pp} layers per pipeline stage",
+            )
+        if vstage and (model.num_layers // pp) // vstage < 2:
+            raise ConfigError(
+                "--num-layers-per-virtual-pipeline-stage", vstage,
+                f"at most half of the {model.num_layers // pp} layers per pipeline stage "
+                "(fewer than 2 virtual stages is not interleaving)",
+            )
+        step = train.micro_batch_size * par.data_parallel_size
+        if train.global_batch_size % step:
+            raise ConfigError(
+                "--global-batch-size", train.global_batch_size,
+                f"a multiple of --micro-batch-size x data parallel size = "
+                f"{train.micro_batch_size} x {par.data_parallel_size} = {step}",
+            )
+        if vstage and self.num_microbatches % pp:
+            raise ConfigError(
+                "--global-batch-size", train.global_batch_size,
+                f"one that gives a multiple of --pipeline-model-parallel-size={pp} "
+                f"microbatches (the interleaved schedule needs it; now {self.num_microbatches})",
+            )
+
+    def _check_precision(self) -> None:
+        train, model = self.training, self.model
+        if train.fp8_format and model.transformer_impl == "local":
+            raise ConfigError(
+                "--fp8-format", train.fp8_format,
+                "only with --transformer-impl transformer_engine",
+            )
+
+    @property
+    def num_microbatches(self) -> int:
+        train = self.training
+        per_step = train.micro_batch_size * self.parallel.data_parallel_size
+        return train.global_batch_size // per_step
+
+    @property
+    def virtual_pipeline_size(self) -> Optional[int]:
+        vstage = self.parallel.num_layers_per_virtual_pipeline_stage
+        if not vstage:
+            return None
+        return self.model.num_layers // self.parallel.pipeline_model_parallel_size // vstage
