@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-HF = ["transformers>=4.56", "safetensors"]
+HF = ["transformers>=5", "safetensors"]
 
 setup(
     name="mtp_megatron",
