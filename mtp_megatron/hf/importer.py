@@ -64,6 +64,10 @@ def run_values(hf_dir: str, hf_config, *, mtp_num_layers: Optional[int],
     tokenizer = files.tokenizer_in(hf_dir)
     if tokenizer:
         values["data"] = tokenizer
+    else:
+        logger.warning("%s has no tokenizer.json or tokenizer.model: the run's data flags stay "
+                       "byte-level; pass --tokenizer-type/--tokenizer-model for the tokenizer "
+                       "this model was trained with", hf_dir)
     return values
 
 
