@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+HF = ["transformers>=5", "safetensors"]
+
 setup(
     name="mtp_megatron",
     version="0.1.0",
@@ -24,6 +26,8 @@ setup(
         "te": ["transformer_engine[pytorch]"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # benchmarks/speculative_decoding.py's PNG
-        "dev": ["pytest", "ruff"],
+        # python -m mtp_megatron.hf export/import (docs/hf.md); dev includes it for the tests.
+        "hf": HF,
+        "dev": ["pytest", "ruff", *HF],
     },
 )

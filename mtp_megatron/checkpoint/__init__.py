@@ -6,10 +6,11 @@ from mtp_megatron.checkpoint.dist_ckpt import (
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
+    save_model_weights,
 )
 from mtp_megatron.checkpoint.layout import CheckpointError, read_tracker, resolve_load_dir
 
 __all__ = [
     "CheckpointError", "TrainState", "check_compatible", "load_checkpoint", "load_model_weights",
-    "read_tracker", "resolve_load_dir", "save_checkpoint",
+    "read_tracker", "resolve_load_dir", "save_checkpoint", "save_model_weights",
 ]

@@ -6,6 +6,7 @@ TP/PP/DP layout loads into any other), the optimizer, the LR scheduler, RNG stat
 and the resolved config.
 
     save_checkpoint(state, cfg.checkpoint.save)
+    save_model_weights([model], cfg, "ckpt")   # weights only: load it with --finetune
     iteration, consumed = load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)
     load_model_weights("runs/x/checkpoints", model_chunks)   # inference: weights only
 """
@@ -135,14 +136,7 @@ def _layout(cfg: RunConfig) -> Dict[str, int]:
 
 def save_checkpoint(state: TrainState, save_dir: str) -> str:
     """Save on every rank; commit (rename + tracker) on rank 0 once all have finished."""
-    start = time.perf_counter()
-    rank = dist.get_rank()
-    final, work = iteration_dir(save_dir, state.iteration), partial_dir(save_dir, state.iteration)
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
-        os.makedirs(work)
-    dist.barrier()
+    work = _begin_save(save_dir, state.iteration)
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
@@ -156,14 +150,46 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
     }
+    return _finish_save(sharded, work, save_dir, state.iteration, state.cfg)
+
+
+def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,
+                       iteration: int = 0) -> str:
+    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. an imported model.
+
+    Training starts from it with ``--load DIR --finetune`` in any layout.
+    """
+    work = _begin_save(save_dir, iteration)
+    sharded = dict(_model_state(model, _metadata(False)))
+    sharded["common"] = {"iteration": iteration, "consumed_samples": 0,
+                         "checkpoint_version": CHECKPOINT_VERSION, "layout": _layout(cfg),
+                         "weights_only": True}
+    return _finish_save(sharded, work, save_dir, iteration, cfg)
+
+
+def _begin_save(save_dir: str, iteration: int) -> str:
+    work = partial_dir(save_dir, iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
+        os.makedirs(work)
+    dist.barrier()
+    return work
+
+
+def _finish_save(sharded: Dict[str, Any], work: str, save_dir: str, iteration: int,
+                 cfg: RunConfig) -> str:
+    start = time.perf_counter()
+    rank = dist.get_rank()
+    final = iteration_dir(save_dir, iteration)
     dist_checkpointing.save(sharded, work, async_sharded_save=False)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(work, CONFIG_NAME), "w") as fh:
-            yaml.safe_dump(to_dict(state.cfg), fh, sort_keys=False)
+            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
         shutil.rmtree(final, ignore_errors=True)  # re-saving the same iteration
         os.replace(work, final)
-        write_tracker(save_dir, state.iteration)
+        write_tracker(save_dir, iteration)
     dist.barrier()
     logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - start) \
         if rank == dist.get_world_size() - 1 else None
@@ -202,12 +228,25 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
+def _weights_only(directory: str) -> bool:
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory)["common"]
+    except LOAD_ERRORS:
+        return False  # unreadable: the load below names the path
+    return bool(common.get("weights_only"))
+
+
 def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointConfig) -> None:
     """Restore ``state`` in place from the latest complete checkpoint under ``load_dir``."""
     for leftover in partial_saves(load_dir):
         logger.warning("ignoring interrupted save %s (never loaded)", leftover)
     directory, iteration = resolve_load_dir(load_dir)
     check_compatible(directory, state.cfg)
+    if not checkpoint.finetune and _weights_only(directory):
+        raise CheckpointError(
+            f"{directory} holds model weights only (no optimizer, iteration or RNG state; "
+            "e.g. imported from Hugging Face): start from it with --finetune"
+        )
     start = time.perf_counter()
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)

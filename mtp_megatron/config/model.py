@@ -23,7 +23,8 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """GPT architecture. The defaults train in about a minute on 2 CPU cores."""
+    """GPT architecture, Llama-shaped by default (RMSNorm, SwiGLU, no linear biases, RoPE;
+    exports to LlamaForCausalLM). The defaults train in about a minute on 2 CPU cores."""
 
     num_layers: int = option(4, "Number of transformer layers in the decoder.", type=int)
     hidden_size: int = option(128, "Transformer hidden size.", type=int)
@@ -47,9 +48,13 @@ class ModelConfig:
     position_embedding_type: str = option(
         "rope", "Position embedding.", type=str, choices=POSITION_EMBEDDINGS
     )
+    rotary_base: int = option(10000, "RoPE base (Hugging Face's rope_theta).", type=int)
     normalization: str = option("RMSNorm", "Normalization layer.", type=str, choices=NORMALIZATIONS)
-    swiglu: bool = option(False, "Use a SwiGLU MLP.", type=bool)
-    disable_bias_linear: bool = option(False, "No bias in linear layers.", type=bool)
+    norm_epsilon: float = option(
+        1e-5, "Epsilon of the normalization layers (rms_norm_eps / layer_norm_eps).", type=float
+    )
+    swiglu: bool = option(True, "Use a SwiGLU MLP (Llama; off: a GELU MLP).", type=bool)
+    disable_bias_linear: bool = option(True, "No bias in linear layers (Llama).", type=bool)
     untie_embeddings_and_output_weights: bool = option(
         False, "Separate input embedding and output head weights.", type=bool
     )
@@ -74,6 +79,10 @@ class ModelConfig:
         check_int("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by, 1)
         for name in ("hidden_dropout", "attention_dropout", "init_method_std"):
             check_float(flag_of(name), getattr(self, name), 0.0)
+        check_int("--rotary-base", self.rotary_base, 1)
+        check_float("--norm-epsilon", self.norm_epsilon, 0.0)
+        if self.norm_epsilon == 0:
+            raise ConfigError("--norm-epsilon", self.norm_epsilon, "a positive number")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 "--hidden-size", self.hidden_size,

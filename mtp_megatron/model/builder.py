@@ -49,6 +49,7 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         num_query_groups=model.query_groups,
         ffn_hidden_size=model.ffn_size,
         normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=not model.disable_bias_linear,
@@ -118,6 +119,7 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
         position_embedding_type=cfg.model.position_embedding_type,
+        rotary_base=cfg.model.rotary_base,
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )

@@ -29,6 +29,11 @@ def cfg_of(world=None, **cli):
     return build_config(None, cli, world)
 
 
+# The hand counts below are for a plain GPT (GELU MLP with biases), the shape of the
+# formulas they check (Korthikanti et al.); the default model is Llama-shaped.
+PLAIN_GPT = {"swiglu": False, "disable_bias_linear": False}
+
+
 @pytest.mark.parametrize("tp,cp,pp,world", [(2, 1, 2, 8), (4, 1, 2, 16), (2, 2, 2, 16),
                                             (1, 1, 4, 8)])
 def test_rank_grid_is_megatron_cores_order(tp, cp, pp, world):
@@ -53,7 +58,7 @@ def test_rank_grid_is_megatron_cores_order(tp, cp, pp, world):
 
 def test_flops_per_token_match_a_hand_count():
     cfg = cfg_of(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
-                 vocab_size=100, mtp_num_layers=2)  # vocab padded to 128
+                 vocab_size=100, mtp_num_layers=2, **PLAIN_GPT)  # vocab padded to 128
     plan = build_plan(cfg)
     assert plan.vocab_size == 128
     layer_fwd = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) + 2 * 2 * 32 * 64  # 106,496
@@ -77,7 +82,7 @@ def test_layer_activations_are_korthikanti_for_a_plain_gpt(tp, sp):
     h, a, s = 256, 8, 128
     cfg = cfg_of(tp, hidden_size=h, num_attention_heads=a, seq_length=s, bf16=True,
                  hidden_dropout=0.1, attention_dropout=0.1, transformer_impl="local",
-                 tensor_model_parallel_size=tp, sequence_parallel=sp and tp > 1)
+                 tensor_model_parallel_size=tp, sequence_parallel=sp and tp > 1, **PLAIN_GPT)
     got = memory.layer_activation_bytes_per_token(cfg, sizes(cfg, 512))
     if sp and tp > 1:
         expected = h * (34 + 5 * a * s / h) / tp  # paper eq. (4) per token
@@ -85,7 +90,8 @@ def test_layer_activations_are_korthikanti_for_a_plain_gpt(tp, sp):
         expected = h * (10 + 24 / tp + 5 * a * s / (h * tp))  # eq. (2)
     assert got == pytest.approx(expected)
     fused = cfg_of(tp, hidden_size=h, num_attention_heads=a, seq_length=s, bf16=True,
-                   hidden_dropout=0.1, attention_dropout=0.1, tensor_model_parallel_size=tp)
+                   hidden_dropout=0.1, attention_dropout=0.1, tensor_model_parallel_size=tp,
+                   **PLAIN_GPT)
     assert memory.layer_activation_bytes_per_token(fused, sizes(fused, 512)) == \
         pytest.approx(h * (10 + 24 / tp))  # flash attention keeps no s x s
 
@@ -114,7 +120,7 @@ def test_state_bytes_mixed_precision_and_distributed_optimizer():
 
 def test_small_config_layout_and_params():
     cfg = cfg_of(8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-                 mtp_num_layers=1)
+                 mtp_num_layers=1, **PLAIN_GPT)
     plan = build_plan(cfg)
     first, last = plan.stages
     assert (first.layout.first_rank, first.layout.last_rank) == (0, 3)

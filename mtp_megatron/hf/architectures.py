@@ -1,0 +1,121 @@
+"""Which Hugging Face class a model maps to, and the name tables of each (pure Python).
+
+=====================================  ==========================  ========================
+mtp_megatron (megatron-core)            LlamaForCausalLM            GPTNeoXForCausalLM
+=====================================  ==========================  ========================
+embedding.word_embeddings               model.embed_tokens          gpt_neox.embed_in
+decoder.layers.i.input_layernorm        model.layers.i.             gpt_neox.layers.i.
+                                        input_layernorm             input_layernorm
+...self_attention.linear_qkv            self_attn.{q,k,v}_proj      attention.query_key_value
+...self_attention.linear_proj           self_attn.o_proj            attention.dense
+...pre_mlp_layernorm                    post_attention_layernorm    post_attention_layernorm
+...mlp.linear_fc1                       mlp.{gate,up}_proj          mlp.dense_h_to_4h
+...mlp.linear_fc2                       mlp.down_proj               mlp.dense_4h_to_h
+decoder.final_layernorm                 model.norm                  gpt_neox.final_layer_norm
+output_layer (untied only)              lm_head                     embed_out
+=====================================  ==========================  ========================
+
+Which one: RMSNorm + SwiGLU + RoPE -> Llama (``attention_bias = mlp_bias = not
+--disable-bias-linear``, GQA through ``num_key_value_heads``); LayerNorm + GELU + RoPE with
+biases -> GPT-NeoX (``use_parallel_residual=False``, full rotary). :func:`for_model` raises
+:class:`HFError` naming the flags to change for anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from mtp_megatron.config import ModelConfig
+from mtp_megatron.hf.deps import HFError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One of our modules <-> one or more HF modules (each param: weight, bias if any)."""
+
+    ours: str
+    hf: Tuple[str, ...]
+    kind: str = "copy"  # copy | qkv (grouped split) | gate_up (SwiGLU split)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The names of one HF model class."""
+
+    name: str
+    hf_class: str
+    model_type: str
+    embedding: str
+    final_norm: str
+    output: str
+    layer_prefix: str  # HF decoder layer i (and MTP module k at i = num_layers + k)
+    layer_rules: Tuple[Rule, ...]
+
+
+LLAMA = Architecture(
+    name="llama", hf_class="LlamaForCausalLM", model_type="llama",
+    embedding="model.embed_tokens", final_norm="model.norm", output="lm_head",
+    layer_prefix="model.layers.",
+    layer_rules=(
+        Rule("input_layernorm", ("input_layernorm",)),
+        Rule("self_attention.linear_qkv",
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv"),
+        Rule("self_attention.linear_proj", ("self_attn.o_proj",)),
+        Rule("pre_mlp_layernorm", ("post_attention_layernorm",)),
+        Rule("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj"), "gate_up"),
+        Rule("mlp.linear_fc2", ("mlp.down_proj",)),
+    ),
+)
+
+GPT_NEOX = Architecture(
+    name="gpt_neox", hf_class="GPTNeoXForCausalLM", model_type="gpt_neox",
+    embedding="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", output="embed_out",
+    layer_prefix="gpt_neox.layers.",
+    layer_rules=(
+        Rule("input_layernorm", ("input_layernorm",)),
+        # Per head [q, k, v]: megatron-core's grouped layout with one head per group.
+        Rule("self_attention.linear_qkv", ("attention.query_key_value",)),
+        Rule("self_attention.linear_proj", ("attention.dense",)),
+        Rule("pre_mlp_layernorm", ("post_attention_layernorm",)),
+        Rule("mlp.linear_fc1", ("mlp.dense_h_to_4h",)),
+        Rule("mlp.linear_fc2", ("mlp.dense_4h_to_h",)),
+    ),
+)
+
+BY_MODEL_TYPE = {arch.model_type: arch for arch in (LLAMA, GPT_NEOX)}
+
+
+def for_model(model: ModelConfig) -> Architecture:
+    """The HF architecture our ``model`` section exports to, or HFError naming the flags."""
+    if model.position_embedding_type != "rope":
+        raise HFError(
+            f"--position-embedding-type={model.position_embedding_type} has no Hugging Face "
+            "export here: Llama and GPT-NeoX use rotary embeddings (--position-embedding-type "
+            "rope)"
+        )
+    if model.normalization == "RMSNorm" and model.swiglu:
+        return LLAMA
+    if model.normalization == "LayerNorm" and not model.swiglu:
+        if model.disable_bias_linear:
+            raise HFError(
+                "--normalization LayerNorm with a GELU MLP maps to GPT-NeoX, whose linear "
+                "layers have biases: train without --disable-bias-linear (or use the Llama "
+                "shape: --normalization RMSNorm --swiglu)"
+            )
+        if model.query_groups != model.num_attention_heads:
+            raise HFError(
+                f"--num-query-groups={model.num_query_groups}: GPT-NeoX has no grouped-query "
+                "attention; omit --num-query-groups (or use the Llama shape: --normalization "
+                "RMSNorm --swiglu)"
+            )
+        return GPT_NEOX
+    if model.normalization == "RMSNorm":
+        raise HFError(
+            "--normalization RMSNorm without --swiglu matches no Hugging Face class: add "
+            "--swiglu (Llama) or use --normalization LayerNorm (GPT-NeoX)"
+        )
+    raise HFError(
+        "--normalization LayerNorm with --swiglu matches no Hugging Face class: use "
+        "--normalization RMSNorm (Llama) or drop --swiglu (GPT-NeoX)"
+    )
