@@ -6,7 +6,8 @@ TP/PP/DP layout loads into any other), the optimizer, the LR scheduler, RNG stat
 and the resolved config.
 
     save_checkpoint(state, cfg.checkpoint.save)
-    iteration, consumed = load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)
+    load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)  # fills state
+    state.iteration, state.consumed_samples                  # where training resumes
     load_model_weights("runs/x/checkpoints", model_chunks)   # inference: weights only
 """
 

@@ -3,7 +3,8 @@
     initialize_model_parallel -> build model -> optimizer -> for each step:
     forward_backward_func(forward_step, ...) -> optimizer.step() -> scheduler.step()
 
-    trainer = Trainer(cfg)      # process groups, model, optimizer, data
+    launch, transformer_impl = preflight(cfg)       # mtp_megatron.runtime.preflight
+    trainer = Trainer(cfg, launch, transformer_impl)  # process groups, model, optimizer, data
     trainer.train()             # --train-iters steps, logging every --log-interval
     trainer.close()
 """

@@ -1,7 +1,7 @@
 """The CPU bridge: each patch does what its comment says, and only without CUDA.
 
 The bridge patches torch and megatron-core process-wide, so this module installs it for
-its own tests and uninstalls it afterwards: later in-process tests see torch untouched.
+its own tests and uninstalls it afterwards: later in-process tests see torch as it was.
 """
 
 import pytest
@@ -18,10 +18,12 @@ _ORIGINAL_CURRENT_DEVICE = torch.cuda.current_device
 
 @pytest.fixture(scope="module", autouse=True)
 def bridge():
+    installed_before = cpu_bridge._INSTALLED
     assert cpu_bridge.install() is True
     assert cpu_bridge.install() is True  # idempotent
     yield
-    cpu_bridge.uninstall()
+    if not installed_before:  # leave the process as this module found it
+        cpu_bridge.uninstall()
 
 
 def test_current_device_and_synchronize_answer_for_the_cpu():
