@@ -56,7 +56,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, launch: distributed.LaunchEnv, transformer_impl: str):
         self.cfg = cfg
         self.device = distributed.initialize(cfg, launch)
-        self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
+        with phase("preparing data", log=log_last_rank):  # the first run builds the corpus
+            self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
         tokenizer_vocab = self.data_plan.vocab_size
         self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
         on_cpu = self.device.type == "cpu"
