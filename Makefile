@@ -1,24 +1,29 @@
 # Two commands for a new machine:
-#   make demo   # trains a small GPT with MTP (D=1) on CPU or GPU, about a minute on 2 cores
-#   make test   # the whole test suite (CPU; GPU tests skip without CUDA)
-# Both create .venv with Python 3.11 and the pinned dependencies on first use.
+#   make demo        # trains a small GPT with MTP (D=1) on CPU or GPU, about a minute on 2 cores
+#   make test        # the whole test suite (CPU; GPU tests skip without CUDA)
+# and, while developing:
+#   make test-fast   # pure Python and single-process tests, under 2 minutes on 2 cores
+#   make lint
+# All create .venv with Python 3.11 and the versions pinned in constraints.txt on first use.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+FAST := not multirank and not functional and not gpu
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make: needs Python 3.11 (megatron-core 0.16.1); set PYTHON=/path/to/python3.11")'
+$(STAMP): setup.py constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make: needs Python 3.11 (the version CI tests; constraints.txt is resolved for it); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel here, never a newer CUDA build pulled in by a range.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -26,7 +31,10 @@ demo: venv
 	$(BIN)/torchrun --nproc-per-node 1 launch/pretrain_gpt_mtp.py --mtp-num-layers 1
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q tests -m "$(FAST)" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check mtp_megatron launch tests

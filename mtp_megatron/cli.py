@@ -1,7 +1,9 @@
 """The launcher's body: parse and validate, then plan (--dry-run) or train.
 
 User mistakes (:class:`ConfigError`) end with one clear line on stderr and exit code 2,
-never a traceback.
+never a traceback. Under a launcher every rank exits 2, but the line is printed once: a
+config error (the same on every rank) by global rank 0, a machine check that failed
+(preflight: paths, GPU, libraries) by each node's local rank 0.
 """
 
 from __future__ import annotations
@@ -26,10 +28,24 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _launcher_rank(name: str, slurm_name: str) -> str:
+    return os.environ.get(name, os.environ.get(slurm_name, "0"))
+
+
+def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
+    """Print a user error on one rank (``rank_var`` == 0), not once per process."""
+    if _launcher_rank(rank_var, slurm_var) == "0":
+        print(f"error: {err}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     try:
         cfg, options = load_config(argv)
+    except ConfigError as err:
+        _report(err)
+        return 2
+    try:
         if options.dry_run:
             from mtp_megatron.plan import print_plan
 
@@ -39,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         launch, transformer_impl = preflight(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(err, rank_var="LOCAL_RANK", slurm_var="SLURM_LOCALID")
         return 2
     from mtp_megatron.checkpoint import CheckpointError
     from mtp_megatron.training.faults import NonFiniteStepError

@@ -1,6 +1,15 @@
-"""Test tiers: pure config -> multi-rank CPU (gloo) -> @pytest.mark.gpu -> functional torchrun."""
+"""Test tiers: pure config -> multi-rank CPU (gloo) -> @pytest.mark.gpu -> functional torchrun.
 
+``make test-fast`` runs the tests with none of the ``multirank``, ``functional`` and
+``gpu`` markers. A test that starts a process (``subprocess``, ``multiprocessing``:
+spawned ranks, torchrun, scripts) must carry ``multirank`` or ``functional``: here any
+other test that tries fails at once, naming the marker to add.
+"""
+
+import contextlib
+import multiprocessing.process
 import os
+import subprocess
 import sys
 import warnings
 
@@ -13,6 +22,8 @@ if ROOT not in sys.path:
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
+SPAWNING_MARKERS = ("multirank", "functional")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -21,3 +32,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class UnmarkedSpawnError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _processes_refused(item):
+    """Inside ``item`` (setup and call), starting a process raises unless it is marked."""
+    if any(item.get_closest_marker(m) for m in SPAWNING_MARKERS):
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise UnmarkedSpawnError(
+            f"{item.nodeid} starts a process but is not marked "
+            f"{' or '.join(SPAWNING_MARKERS)}: add @pytest.mark.multirank (spawned ranks) "
+            "or @pytest.mark.functional (launchers, scripts) so `make test-fast` leaves it out")
+
+    saved = subprocess.Popen, multiprocessing.process.BaseProcess.start
+    subprocess.Popen = refuse
+    multiprocessing.process.BaseProcess.start = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen, multiprocessing.process.BaseProcess.start = saved
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _processes_refused(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _processes_refused(item):
+        yield

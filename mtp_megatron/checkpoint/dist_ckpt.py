@@ -7,7 +7,8 @@ and the resolved config.
 
     save_checkpoint(state, cfg.checkpoint.save)
     save_model_weights([model], cfg, "ckpt")   # weights only: load it with --finetune
-    iteration, consumed = load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)
+    load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)  # fills state
+    state.iteration, state.consumed_samples                  # where training resumes
     load_model_weights("runs/x/checkpoints", model_chunks)   # inference: weights only
 """
 

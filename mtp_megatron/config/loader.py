@@ -9,7 +9,11 @@ YAML is sectioned, with the flag names in snake_case::
     mtp:
       mtp_num_layers: 2
 
-Unknown sections, keys and flags are errors that suggest the closest valid name.
+Flat keys (``mtp_num_layers: 2`` at the top level, Megatron-LM style) are accepted too:
+every field name belongs to exactly one section. Unknown sections, keys and flags are
+errors that suggest the closest valid name. Every boolean flag has a negation
+(``--bf16``/``--no-bf16``; ``--no-load-optim``/``--load-optim``), so a YAML ``true`` can
+be turned off from the command line.
 
     cfg, run = load_config(["--config", "examples/tiny.yaml", "--mtp-num-layers", "2"])
 """
@@ -48,6 +52,30 @@ def _field_to_section() -> Dict[str, str]:
     return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
+def negation_of(flag: str) -> str:
+    """The flag that turns a switch off: ``--bf16`` -> ``--no-bf16``; a switch that is
+    itself negative loses its ``--no-`` instead (``--no-load-optim`` -> ``--load-optim``)."""
+    return "--" + flag[len("--no-"):] if flag.startswith("--no-") else "--no-" + flag[2:]
+
+
+def _on_off(default: bool, flag: str) -> str:
+    return flag if default else negation_of(flag)
+
+
+class _Switch(argparse.Action):
+    """A boolean flag and its negation (the first option string sets True), so a YAML
+    ``true`` can be turned off from the command line."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field; absent flags stay absent."""
     parser = argparse.ArgumentParser(
@@ -75,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             meta = f.metadata
             flag = meta.get("flag") or flag_of(f.name)
             if meta["type"] is bool:
-                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+                group.add_argument(flag, negation_of(flag), dest=f.name, action=_Switch,
+                                   help=f"{meta['help']} (default: {_on_off(f.default, flag)})")
             else:
                 group.add_argument(
                     flag, dest=f.name, type=meta["type"], choices=meta["choices"],
@@ -116,7 +145,8 @@ def _check_plan_options(options: RunOptions) -> None:
 
 
 def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
-    """Read a sectioned YAML file; unknown sections or keys are errors."""
+    """Read a YAML file into ``{section: {key: value}}``; unknown sections or keys are
+    errors."""
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "an existing YAML file", "file not found")
     try:
@@ -126,23 +156,46 @@ def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
         raise ConfigError("--config", path, "valid YAML", str(exc).splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError("--config", path, "a mapping of sections (model:, mtp:, ...)")
+    return _sectioned(data, path)
+
+
+def _sectioned(data: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
+    """Sections as given, plus flat keys (``mtp_num_layers: 1`` at the top level, as
+    Megatron-LM and NeMo users write them) moved into the one section that owns them."""
+    owner = _field_to_section()
+    out: Dict[str, Dict[str, Any]] = {}
     for section, body in data.items():
-        if section not in SECTIONS:
-            raise ConfigError.unknown("section", str(section), SECTIONS, where=path)
-        if not isinstance(body, dict):
-            raise ConfigError("--config", path, f"a mapping under {section}:")
-        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
-        for key in body:
-            if key not in names:
-                owner = _field_to_section().get(key)
-                if owner:
-                    raise ConfigError(
-                        "--config", path, f"{key} under {owner}:", f"{key} is not a {section} key"
-                    )
-                raise ConfigError.unknown(
-                    "key", f"{section}.{key}", [f"{section}.{n}" for n in names], where=path
-                )
-    return data
+        if section in SECTIONS:
+            if not isinstance(body, dict):
+                raise ConfigError("--config", path, f"a mapping under {section}:")
+            _check_keys(section, body, path)
+            out.setdefault(section, {}).update(body)
+        elif section not in owner:
+            raise ConfigError.unknown("key", str(section), [*SECTIONS, *owner], where=path)
+    for key, value in data.items():
+        if key in SECTIONS:
+            continue
+        body = out.setdefault(owner[key], {})
+        if key in body:
+            raise ConfigError("--config", path, f"{key} given once",
+                              f"{key} is set both at the top level and under {owner[key]}:")
+        body[key] = value
+    return out
+
+
+def _check_keys(section: str, body: Dict[str, Any], path: str) -> None:
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    for key in body:
+        if key in names:
+            continue
+        owner = _field_to_section().get(key)
+        if owner:
+            raise ConfigError(
+                "--config", path, f"{key} under {owner}:", f"{key} is not a {section} key"
+            )
+        raise ConfigError.unknown(
+            "key", f"{section}.{key}", [f"{section}.{n}" for n in names], where=path
+        )
 
 
 def build_config(

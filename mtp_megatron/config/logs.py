@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mtp_megatron.config.fields import (
-    check_int,
-    option,
-)
+from mtp_megatron.config.fields import ConfigError, check_int, flag_of, option
 
 
 @dataclass(frozen=True)
@@ -17,9 +14,23 @@ class LoggingConfig:
 
     log_interval: int = option(10, "Print a log line every N iterations.", type=int)
     tensorboard_dir: Optional[str] = option(None, "Write tensorboard scalars here.", type=str)
+    wandb_project: Optional[str] = option(
+        None, "Also write the scalars to this Weights & Biases project "
+        "(WANDB_MODE=offline works without network).", type=str,
+    )
+    wandb_exp_name: Optional[str] = option(
+        None, "Weights & Biases run name (default: the --output-dir's name).", type=str
+    )
+    wandb_save_dir: Optional[str] = option(
+        None, "Where wandb keeps its files (default: <output-dir>/wandb).", type=str
+    )
     output_dir: str = option(
         "runs/default", "The run's directory (resolved config, logs).", type=str
     )
 
     def __post_init__(self):
         check_int("--log-interval", self.log_interval, 1)
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(self, name) and not self.wandb_project:
+                raise ConfigError(flag_of(name), getattr(self, name),
+                                  "only with --wandb-project")

@@ -36,8 +36,8 @@ from mtp_megatron.config.data import parse_blend, parse_split
 from mtp_megatron.data.corpus import ensure_stdlib_corpus
 from mtp_megatron.data.tokenizers import MOCK_VOCAB_SIZE, build_tokenizer, mock_tokenizer
 
-__all__ = ["MOCK_VOCAB_SIZE", "DataPlan", "Datasets", "build_datasets", "build_mock_datasets",
-           "mock_tokenizer", "prepare_data"]
+__all__ = ["MOCK_VOCAB_SIZE", "DataPlan", "Datasets", "build_datasets", "mock_tokenizer",
+           "prepare_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,20 +188,6 @@ def build_datasets(plan: DataPlan, *, data: DataConfig, model: ModelConfig,
         train = Placeholder(seq, sizes[0])
         valid = Placeholder(seq, num_valid) if num_valid else None
     return Datasets(train=train, valid=valid if num_valid else None)
-
-
-def build_mock_datasets(*, seq_length: int, seed: int, num_train_samples: int, vocab_size: int,
-                        is_built_on_rank: Callable[[], bool] = lambda: True):
-    """Train dataset of ``num_train_samples`` mock samples (kept for existing callers)."""
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, tokenizer=mock_tokenizer(vocab_size),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    train, _, _ = BlendedMegatronDatasetBuilder(
-        MockGPTDataset, [num_train_samples, 0, 0], is_built_on_rank, config
-    ).build()
-    return train
 
 
 class Placeholder:

@@ -23,11 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import (
-    ShardedTensor,
-    ShardedTensorFactory,
-    apply_factories,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
 
 def _unwrap(chunk):
@@ -68,10 +64,8 @@ def sharded_tensors(chunks) -> Iterator[ShardedTensor]:
         model = _unwrap(chunk)
         with _unused_output_weight_hidden(model):
             sharded = model.sharded_state_dict(metadata=metadata)
-        apply_factories(sharded)
+        apply_factories(sharded)  # in place: no ShardedTensorFactory is left
         for value in nested_values(sharded):
-            if isinstance(value, ShardedTensorFactory):
-                raise TypeError(f"unexpanded factory for {value.key}")
             if isinstance(value, ShardedTensor):
                 yield value
 

@@ -1,7 +1,8 @@
-"""Optional accelerator libraries, detected lazily: Transformer Engine and NVIDIA apex.
+"""Transformer Engine, detected lazily, and what FP8 needs from the GPU and TE.
 
-Neither is a dependency. TE is the ``te`` extra (GPU only); NVIDIA apex exists only in
-NGC containers (the PyPI package named ``apex`` is unrelated and never installed).
+TE is not a dependency but the ``te`` extra (GPU only). NVIDIA apex is not used by this
+package: megatron-core picks up its fused kernels itself where an NGC image ships it
+(and falls back to torch without it); the PyPI package named ``apex`` is unrelated.
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ def te_available() -> bool:
     except Exception:  # built for another CUDA, or no GPU driver
         return False
     return True
-
-
-@functools.lru_cache(maxsize=None)
-def nvidia_apex_available() -> bool:
-    """True only for NVIDIA apex (it ships ``amp_C``), never the unrelated PyPI ``apex``."""
-    return importlib.util.find_spec("amp_C") is not None
 
 
 def resolve_transformer_impl(requested: str | None) -> str:

@@ -8,6 +8,10 @@ machine it does nothing. Each patch says what it fixes and why it is safe.
 
     from mtp_megatron.runtime import cpu_bridge
     cpu_bridge.install()   # idempotent; a no-op when CUDA is present
+    cpu_bridge.uninstall() # restores everything (tests)
+
+It checks the installed megatron-core against :data:`SUPPORTED_MCORE`, the versions the
+patches were written for, and refuses others with a message that says which to install.
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ import functools
 import importlib
 import logging
 import types
+from typing import Any, List, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
+from mtp_megatron.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _INSTALLED = False
+_UNDO: List[Tuple[Any, str, Any]] = []  # (owner, attribute, previous value), in order
+_MISSING = object()
 _MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.clip_grads",
@@ -100,13 +109,50 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+# The megatron-core versions whose internals the patches below were written against:
+# every name patched here exists and means the same in 0.16.x. Another minor version may
+# rename or move them, and a silently missing patch fails far from its cause.
+SUPPORTED_MCORE = (">=0.16.1", "<0.17")
+
+
+def megatron_core_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+def check_megatron_core_version(found: Optional[str] = None) -> None:
+    """Raise :class:`ConfigError` unless megatron-core is in :data:`SUPPORTED_MCORE`."""
+    from packaging.specifiers import SpecifierSet
+
+    found = megatron_core_version() if found is None else found
+    wanted = ",".join(SUPPORTED_MCORE)
+    if found not in SpecifierSet(wanted, prereleases=True):
+        raise ConfigError(
+            "megatron-core", found, f"{wanted} on a machine without CUDA",
+            "mtp_megatron/runtime/cpu_bridge.py patches megatron-core internals by name as "
+            f"they are in those versions; pip install 'megatron-core{wanted}'",
+        )
+
+
+def _patch(owner, name: str, value) -> None:
+    """Set ``owner.name = value``, remembering the old value for :func:`uninstall`."""
+    _UNDO.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
 def install() -> bool:
-    """Install the CPU patches if CUDA is unavailable. Returns True if installed."""
+    """Install the CPU patches if CUDA is unavailable. Returns True if installed.
+
+    Raises :class:`ConfigError` when the installed megatron-core is not a version the
+    patches were written for (:data:`SUPPORTED_MCORE`).
+    """
     global _INSTALLED
     if torch.cuda.is_available():
         return False
     if _INSTALLED:
         return True
+    check_megatron_core_version()
 
     from megatron.core.optimizer import clip_grads, distrib_optimizer
     from megatron.core.optimizer import optimizer as mcore_opt_module
@@ -115,43 +161,57 @@ def install() -> bool:
     # RoPE (`inv_freq.to(torch.cuda.current_device())`), the MTP loss tracker and the
     # param/grad buffers ask for "the current CUDA device"; without CUDA the only
     # device is the CPU, so answer that instead of raising.
-    torch.cuda.current_device = lambda: "cpu"
+    _patch(torch.cuda, "current_device", lambda: "cpu")
 
     # Pipeline p2p calls `torch.cuda.synchronize()` after batched send/recv so the
     # CUDA stream has finished; gloo ops on CPU tensors are already complete.
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _patch(torch.cuda, "synchronize", lambda *args, **kwargs: None)
 
     # `weight.data.cuda()` when the MTP/last stage ties its embedding copy to the
     # first stage (PP > 1), and `.cuda()` in optimizer state reloads: there is no
     # GPU to move to, so the tensor stays where it is.
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
     # These modules allocate small bookkeeping tensors with `device="cuda"`: token
     # counters (schedules), overflow flags and loss scales (optimizers, grad scaler,
     # clipping), the rerun state machine's flags, the broadcast of batch sizes.
     for module in _MODULES_WITH_CUDA_FACTORIES:
-        importlib.import_module(module).torch = _CpuTorch()
+        _patch(importlib.import_module(module), "torch", _CpuTorch())
 
     # The CUDA RNG tracker (model-parallel seeds, forked around dropout) stores and
     # swaps CUDA generator states; keep per-name CPU generator states instead.
-    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
+        _patch(mcore_random, name, getattr(mcore_random, name))
+    _patch(mcore_random, "CudaRNGStatesTracker", CpuRNGStatesTracker)
     mcore_random.initialize_rng_tracker(force_reset=True)
 
     # Grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`, and the
     # (distributed) mixed-precision optimizers reject anything not named
     # `torch.cuda.*Tensor`; the checks are about dtype, which CPU tensors satisfy.
     clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = clip
-    mcore_opt_module.clip_grad_by_total_norm_fp32 = clip
+    _patch(clip_grads, "clip_grad_by_total_norm_fp32", clip)
+    _patch(mcore_opt_module, "clip_grad_by_total_norm_fp32", clip)
     for cls in (
         distrib_optimizer.DistributedOptimizer,
         mcore_opt_module.Float16OptimizerWithFloat16Params,
     ):
-        cls.__init__ = _with_cuda_type_names(cls.__init__)
+        _patch(cls, "__init__", _with_cuda_type_names(cls.__init__))
 
     _INSTALLED = True
     logger.debug("CPU bridge for megatron-core installed")
     return True
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (tests that must not leave torch patched for later ones)."""
+    global _INSTALLED
+    while _UNDO:
+        owner, name, old = _UNDO.pop()
+        if old is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+    _INSTALLED = False
 
 
 class CpuRNGStatesTracker(CudaRNGStatesTracker):

@@ -1,5 +1,8 @@
 """Checks that need the machine but no process group: run before anything starts.
 
+The pure rules (divisibility, flag combinations) belong to the config sections and
+``RunConfig``; only what depends on this machine or launcher is checked here: the
+launcher's world size, the GPU and libraries (FP8, TE, tensorboard, wandb), paths.
 Each failure is a :class:`ConfigError` naming the flag, so every rank exits with the
 same clear message instead of one rank failing inside a collective.
 """
@@ -18,26 +21,20 @@ from mtp_megatron.runtime.launch_env import LaunchEnv, read_launch_env
 def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
     """Returns the launch environment and the layer implementation to build."""
     launch = read_launch_env(os.environ if env is None else env)
-    world = cfg.parallel.world_size
-    if world is not None and world != launch.world_size:
-        raise ConfigError("--world-size", world, f"the launcher's world size {launch.world_size}")
-    if launch.world_size % cfg.parallel.model_parallel_size:
-        raise ConfigError(
-            "--nproc-per-node/--nnodes", launch.world_size,
-            f"a multiple of TP x PP x CP = {cfg.parallel.model_parallel_size}",
-        )
-    # FP8 first: without a GPU or TE its message names --fp8-format and the cause.
+    _check_world_size(cfg, launch.world_size)
+    # FP8 first: without a GPU or TE its message names --fp8-format and the cause. That
+    # FP8 needs --transformer-impl transformer_engine (not local) is a pure rule: RunConfig.
     check_fp8_runtime(cfg.training.fp8_format, cfg.training.fp8_recipe)
     transformer_impl = resolve_transformer_impl(cfg.model.transformer_impl)
-    if cfg.training.fp8_format and transformer_impl != "transformer_engine":
-        raise ConfigError(
-            "--fp8-format", cfg.training.fp8_format,
-            "only with --transformer-impl transformer_engine",
-        )
     if cfg.logging.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "--tensorboard-dir", cfg.logging.tensorboard_dir, "only with tensorboard installed",
             "pip install -e .[tensorboard]",
+        )
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "--wandb-project", cfg.logging.wandb_project, "only with wandb installed",
+            "pip install -e .[wandb]",
         )
     _check_writable("--output-dir", cfg.logging.output_dir)
     if cfg.checkpoint.save:
@@ -46,6 +43,20 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
         raise ConfigError("--load", cfg.checkpoint.load, "an existing checkpoint directory",
                           "no such directory")
     return launch, transformer_impl
+
+
+def _check_world_size(cfg: RunConfig, launched: int) -> None:
+    """The launcher started as many ranks as the config expects (``ParallelConfig`` has
+    already checked that --world-size is a multiple of TP x PP x CP)."""
+    given = cfg.parallel.world_size
+    if given is not None and given != launched:
+        raise ConfigError("--world-size", given, f"the launcher's world size {launched}")
+    expected = given or cfg.parallel.model_parallel_size
+    if given is None and launched != expected:  # a plain `python` run with TP x PP x CP > 1
+        raise ConfigError(
+            "--nproc-per-node x --nnodes", launched,
+            f"a multiple of TP x PP x CP = {expected}", "start it with torchrun or srun",
+        )
 
 
 def _check_writable(flag: str, path: str) -> None:

@@ -17,17 +17,17 @@ forward hook on the last stage's ``output_layer``, which ``_postprocess`` calls 
 MTP depth (1..D) and then for the main head. The logits are vocab-parallel under TP: the
 cross entropy is megatron-core's ``vocab_parallel_cross_entropy`` and the argmax takes
 each rank's best and all-gathers (ties go to the lowest id). Sums are kept per head and
-all-reduced over data-parallel ranks on the last pipeline stage; the last rank logs.
+all-reduced over data-parallel ranks on the last pipeline stage; the last rank logs them
+and writes them through the training run's :class:`MetricsWriter` (metrics.jsonl,
+tensorboard, wandb; tagged ``validation``).
 
 :func:`head_statistics` is the metric itself, a pure function of logits and labels.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Dict, List, Optional
 
 import torch
@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from mtp_megatron.data.iterator import GlobalBatchSampler
+from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -192,11 +193,14 @@ class Evaluator:
 
     def __init__(self, model: List[torch.nn.Module], dataset, *, micro_batch_size: int,
                  global_batch_size: int, seq_length: int, mtp_depth: int,
-                 output_dir: Optional[str], is_logging_rank: bool):
+                 is_logging_rank: bool, writer: Optional[MetricsWriter] = None,
+                 tokens_per_step: int = 0):
         self.model, self.dataset = model, dataset
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.seq_length, self.depth = seq_length, mtp_depth
-        self.output_dir, self.is_logging_rank = output_dir, is_logging_rank
+        self.is_logging_rank = is_logging_rank
+        self.writer = writer or MetricsWriter()
+        self.tokens_per_step = tokens_per_step
         self.last_chunk = _unwrap(model[-1])
         self.on_last_stage = bool(getattr(self.last_chunk, "post_process", False))
         self.capture: Optional[_HeadCapture] = None
@@ -257,13 +261,6 @@ class Evaluator:
         metrics = summarize(total.cpu())
         if self.is_logging_rank:
             logger.info(format_line(iteration, metrics))
-            self._append_jsonl(iteration, metrics)
+            row = {"iteration": iteration, "tokens": iteration * self.tokens_per_step, **metrics}
+            self.writer.write(row, split="valid")
         return metrics
-
-    def _append_jsonl(self, iteration: int, metrics: Dict[str, float]) -> None:
-        if not self.output_dir:
-            return
-        os.makedirs(self.output_dir, exist_ok=True)
-        row = {"iteration": iteration, "split": "valid", **metrics}
-        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(row) + "\n")

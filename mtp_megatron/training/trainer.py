@@ -3,13 +3,15 @@
     initialize_model_parallel -> build model -> optimizer -> for each step:
     forward_backward_func(forward_step, ...) -> optimizer.step() -> scheduler.step()
 
-    trainer = Trainer(cfg)      # process groups, model, optimizer, data
+    launch, transformer_impl = preflight(cfg)       # mtp_megatron.runtime.preflight
+    trainer = Trainer(cfg, launch, transformer_impl)  # process groups, model, optimizer, data
     trainer.train()             # --train-iters steps, logging every --log-interval
     trainer.close()
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +23,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
-from mtp_megatron.config import RunConfig, save_config
+from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
 from mtp_megatron.data.iterator import GlobalBatchSampler
 from mtp_megatron.model.builder import (
@@ -37,6 +39,8 @@ from mtp_megatron.training.faults import ExitConditions, NonFiniteStepError, ste
 from mtp_megatron.training.losses import collect_mtp_losses, forward_step, reduce_lm_loss
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
+from mtp_megatron.training.progress import phase
+from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -52,7 +56,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, launch: distributed.LaunchEnv, transformer_impl: str):
         self.cfg = cfg
         self.device = distributed.initialize(cfg, launch)
-        self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
+        with phase("preparing data", log=log_last_rank):  # the first run builds the corpus
+            self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
         tokenizer_vocab = self.data_plan.vocab_size
         self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
         on_cpu = self.device.type == "cpu"
@@ -67,6 +72,8 @@ class Trainer:
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
+        self.writer = MetricsWriter.for_run(cfg.logging, enabled=distributed.is_last_rank(),
+                                            config=to_dict(cfg))
         self.sampler = self._build_sampler()
         self.evaluator = self._build_evaluator()
         self.metrics = MetricsLogger(
@@ -75,8 +82,7 @@ class Trainer:
             tokens_per_step=cfg.training.global_batch_size * cfg.model.seq_length,
             flops_per_token=flops_per_token(cfg, self.vocab_size)["total"],
             is_logging_rank=distributed.is_last_rank(),
-            output_dir=cfg.logging.output_dir,
-            tensorboard_dir=cfg.logging.tensorboard_dir,
+            writer=self.writer,
         )
         if torch.distributed.get_rank() == 0:
             save_config(cfg, os.path.join(cfg.logging.output_dir, "config.yaml"))
@@ -93,9 +99,10 @@ class Trainer:
     def _build_sampler(self) -> GlobalBatchSampler:
         train = self.cfg.training
         log_last_rank(f"data: {self.data_plan.description}")
-        self.datasets = build_datasets(
-            self.data_plan, data=self.cfg.data, model=self.cfg.model, training=train
-        )
+        with phase("building datasets", log=log_last_rank):
+            self.datasets = build_datasets(
+                self.data_plan, data=self.cfg.data, model=self.cfg.model, training=train
+            )
         return GlobalBatchSampler(
             self.datasets.train,
             micro_batch_size=train.micro_batch_size,
@@ -112,7 +119,8 @@ class Trainer:
         return Evaluator(
             self.model, self.datasets.valid, micro_batch_size=train.micro_batch_size,
             global_batch_size=train.global_batch_size, seq_length=self.cfg.model.seq_length,
-            mtp_depth=self.cfg.mtp.mtp_num_layers or 0, output_dir=self.cfg.logging.output_dir,
+            mtp_depth=self.cfg.mtp.mtp_num_layers or 0, writer=self.writer,
+            tokens_per_step=train.global_batch_size * self.cfg.model.seq_length,
             is_logging_rank=distributed.is_last_rank(),
         )
 
@@ -188,8 +196,13 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         saved_at = evaluated_at = None
         eval_interval = self.cfg.data.eval_interval
+        first = True
         while self.iteration < self.cfg.training.train_iters:
-            step = self.train_step()
+            # the first step builds buffers and warms kernels up: show that it progresses
+            with phase(f"first iteration ({self.iteration + 1})", log=log_last_rank) \
+                    if first else contextlib.nullcontext():
+                step = self.train_step()
+            first = False
             self.metrics.record(step)
             history.append(step)
             if eval_interval and self.iteration % eval_interval == 0:

@@ -5,6 +5,7 @@ standard-library corpus, and data mistakes end before training with the flag to 
 """
 
 import glob
+import importlib.util
 import math
 import os
 import subprocess
@@ -38,12 +39,22 @@ def text_set(tmp_path_factory):
 
 
 def test_tp1_mtp2_validation_loss_drops_on_text(text_set, tmp_path):
+    # validation goes through the training run's writers: wandb too, offline (no network)
+    wandb = importlib.util.find_spec("wandb") is not None
+    extra = ["--wandb-project", "mtp-test"] if wandb else []
     run = launch(TINY + ["--mtp-num-layers", "2", "--train-iters", "50", "--log-interval", "10",
                          "--data-path", text_set, "--split", "90,10,0",
                          "--data-cache-path", str(tmp_path / "cache"),
-                         "--eval-interval", "10", "--eval-iters", "2"],
-                 output_dir=str(tmp_path / "run"))
+                         "--eval-interval", "10", "--eval-iters", "2"] + extra,
+                 output_dir=str(tmp_path / "run"), env={"WANDB_MODE": "offline",
+                                                        "WANDB_SILENT": "true"})
     assert run.returncode == 0, run
+    if wandb:
+        (history,) = glob.glob(str(tmp_path / "run" / "wandb" / "wandb" / "offline-run-*"
+                                   / "run-*.wandb"))
+        records = open(history, "rb").read()
+        for tag in (b"mtp_2 loss", b"lm loss validation", b"chained_2 acceptance validation"):
+            assert tag in records, tag
     valid = run.metrics("valid")
     assert [r["iteration"] for r in valid] == [10, 20, 30, 40, 50]  # the end is not repeated
     first, last = valid[0], valid[-1]

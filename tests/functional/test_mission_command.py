@@ -1,8 +1,12 @@
-"""The mission command, exactly as a user types it, with the defaults."""
+"""The mission command, exactly as a user types it, with the defaults.
+
+It runs in a temporary directory (the default --output-dir, runs/default, is relative
+to it), so the tests never touch a user's runs/.
+"""
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 
@@ -13,17 +17,24 @@ from tests.functional.launcher import ROOT
 pytestmark = pytest.mark.functional
 
 
-def test_torchrun_pretrain_gpt_mtp_with_one_mtp_layer():
-    out = os.path.join(ROOT, "runs", "default")
-    shutil.rmtree(out, ignore_errors=True)
+def test_torchrun_pretrain_gpt_mtp_with_one_mtp_layer(tmp_path):
+    out = os.path.join(tmp_path, "runs", "default")
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"),
-           "launch/pretrain_gpt_mtp.py", "--mtp-num-layers", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+           os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py"), "--mtp-num-layers", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # progress before the first log line, then elapsed time and an ETA on every line
+    for message in ("building datasets ...", "first iteration (1) ...",
+                    "first iteration (1): done in"):
+        assert message in proc.stdout, proc.stdout[:3000]
+    assert re.search(r"iteration 200/200 \| elapsed \d+:\d\d:\d\d \| ETA 0:00:00 \| lm loss",
+                     proc.stdout), proc.stdout[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train = [r for r in rows if r.get("split") is None]
     valid = [r for r in rows if r.get("split") == "valid"]
-    assert train[-1]["iteration"] == 200
+    assert train[-1]["iteration"] == 200 and train[-1]["tokens"] == 200 * 16 * 128
     assert train[-1]["lm loss"] < train[0]["lm loss"] - 1.0
     assert "mtp_1 loss" in train[-1] and "mtp_2 loss" not in train[-1]
     assert valid and valid[-1]["iteration"] == 200

@@ -15,7 +15,7 @@ import pytest
 
 from tests.dist_utils import spawn
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.multirank]  # spawns its rank
 
 STEPS = 50
 # bf16 vs FP8 at every step: |fp8 - bf16| <= ABS_TOL + REL_TOL * bf16 (both mixed

@@ -93,27 +93,12 @@ def make_trainer(cfg, transformer_impl: str = "local") -> Trainer:
     """Our Trainer for ``cfg``, its data given loss-mask holes (see HoleyDataset)."""
     distributed.initialize = _initialize_in_place
     trainer = Trainer(cfg, read_launch_env(os.environ), transformer_impl)
-    if cfg.virtual_pipeline_size and trainer.tconfig.batch_p2p_comm:
-        use_separate_p2p_ops(trainer.tconfig)
     old = trainer.sampler
     trainer.sampler = GlobalBatchSampler(
         HoleyDataset(old.dataset), micro_batch_size=old.micro_batch_size,
         global_batch_size=old.global_batch_size, dp_rank=old.dp_rank, dp_size=old.dp_size,
     )
     return trainer
-
-
-def use_separate_p2p_ops(tconfig) -> None:
-    """Megatron-LM's p2p settings for the interleaved schedule (what the builder should set).
-
-    megatron-core's defaults (``batch_p2p_comm=True, overlap_p2p_comm=False``) batch a
-    send to the next and a send to the previous stage together; with PP = 2 both go to
-    the same rank and the receiver cannot tell them apart, so activations and gradients
-    are swapped in the steady state (NVIDIA/Megatron-LM#750, #1450). Megatron-LM turns
-    on ``overlap_p2p_comm`` (and so off ``batch_p2p_comm``) whenever VPP is used.
-    """
-    tconfig.overlap_p2p_comm = True
-    tconfig.batch_p2p_comm = False
 
 
 def global_batch(trainer: Trainer, step: int) -> List[Dict[str, torch.Tensor]]:

@@ -59,8 +59,7 @@ def _evaluate(rank, world_size, parallel):
     fill_deterministically(model)
     data = build_datasets(plan, data=cfg.data, model=cfg.model, training=cfg.training)
     evaluator = Evaluator(model, data.valid, micro_batch_size=2, global_batch_size=4,
-                          seq_length=MODEL["seq_length"], mtp_depth=2, output_dir=None,
-                          is_logging_rank=False)
+                          seq_length=MODEL["seq_length"], mtp_depth=2, is_logging_rank=False)
     return evaluator.run(0, cfg.data.eval_iters)
 
 

@@ -1,17 +1,29 @@
-"""The CPU bridge: each patch does what its comment says, and only without CUDA."""
+"""The CPU bridge: each patch does what its comment says, and only without CUDA.
+
+The bridge patches torch and megatron-core process-wide, so this module installs it for
+its own tests and uninstalls it afterwards: later in-process tests see torch as it was.
+"""
 
 import pytest
 import torch
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.runtime import cpu_bridge
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the bridge is CPU-only")
 
+_ORIGINAL_CUDA = torch.Tensor.cuda
+_ORIGINAL_CURRENT_DEVICE = torch.cuda.current_device
+
 
 @pytest.fixture(scope="module", autouse=True)
 def bridge():
+    installed_before = cpu_bridge._INSTALLED
     assert cpu_bridge.install() is True
     assert cpu_bridge.install() is True  # idempotent
+    yield
+    if not installed_before:  # leave the process as this module found it
+        cpu_bridge.uninstall()
 
 
 def test_current_device_and_synchronize_answer_for_the_cpu():
@@ -61,3 +73,34 @@ def test_cuda_type_checks_pass_only_inside_the_wrapped_functions():
     clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=6.0)
     assert torch.allclose(p.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
     assert torch.ones(1).type() == "torch.FloatTensor"  # restored outside
+
+
+@pytest.mark.parametrize("version", ["0.15.3", "0.17.0", "1.0.0"])
+def test_other_megatron_core_versions_are_refused_by_name(monkeypatch, version):
+    with pytest.raises(ConfigError, match=f"megatron-core='{version}'.*>=0.16.1,<0.17"):
+        cpu_bridge.check_megatron_core_version(version)
+    monkeypatch.setattr(cpu_bridge, "megatron_core_version", lambda: version)
+    monkeypatch.setattr(cpu_bridge, "_INSTALLED", False)
+    with pytest.raises(ConfigError, match="pip install 'megatron-core>=0.16.1,<0.17'"):
+        cpu_bridge.install()
+
+
+def test_supported_versions_pass():
+    for version in ("0.16.1", "0.16.2", cpu_bridge.megatron_core_version()):
+        cpu_bridge.check_megatron_core_version(version)
+
+
+def test_uninstall_restores_torch_and_megatron_core():
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cpu_bridge.uninstall()
+    try:
+        assert torch.Tensor.cuda is _ORIGINAL_CUDA
+        assert torch.cuda.current_device is _ORIGINAL_CURRENT_DEVICE
+        assert schedules.torch is torch
+        assert mcore_random.CudaRNGStatesTracker is not cpu_bridge.CpuRNGStatesTracker
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
+            torch.ones(1).cuda()
+    finally:
+        assert cpu_bridge.install() is True

@@ -21,6 +21,8 @@ import pytest
 
 from tests.dist_utils import spawn
 
+pytestmark = pytest.mark.multirank
+
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-6
 WEIGHT_TOL = 1e-4
@@ -199,7 +201,7 @@ def test_the_baseline_trains(runs):
 
 def test_builder_uses_separate_p2p_ops_with_virtual_pipeline(tmp_path):
     """With PP=2 and VPP, batched p2p swaps activations and gradients (see
-    harness.use_separate_p2p_ops): the built config must not batch them."""
+    model/builder.py:_p2p_settings): the built config must not batch them."""
     from mtp_megatron.model.builder import transformer_config
     from tests.reference.harness import tiny_config
 

@@ -175,6 +175,7 @@ def test_dry_run_cli_prints_the_plan_and_flags_what_does_not_fit(capsys):
     assert "--gpu-memory-gb=-1.0 is not allowed" in capsys.readouterr().err
 
 
+@pytest.mark.functional
 def test_dry_run_starts_no_processes_and_imports_no_torch():
     code = ("import sys; from mtp_megatron.cli import main; "
             "rc = main(['--world-size', '4096', '--global-batch-size', '4096', "

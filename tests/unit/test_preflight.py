@@ -43,3 +43,15 @@ def test_local_impl_is_chosen_without_a_gpu(tmp_path):
         assert impl == "local"
     else:
         assert impl in ("local", "transformer_engine")
+
+
+def test_a_plain_run_of_a_model_parallel_config_names_the_launcher(tmp_path):
+    cfg = build_config(None, {"tensor_model_parallel_size": 2, "output_dir": str(tmp_path)}, None)
+    with pytest.raises(ConfigError, match="--nproc-per-node x --nnodes=1 .*TP x PP x CP = 2"):
+        preflight(cfg, SINGLE)
+
+
+def test_divisibility_is_the_config_s_rule_not_preflight_s():
+    # --world-size 3 with TP=2 fails when the config is built, before preflight runs
+    with pytest.raises(ConfigError, match="--world-size=3 .*multiple of TP x PP x CP = 2"):
+        build_config(None, {"tensor_model_parallel_size": 2, "world_size": 3}, None)

@@ -115,6 +115,7 @@ def test_cli_summary_and_exit_codes(tmp_path, capsys):
                  "--no-progress"]) == 1
 
 
+@pytest.mark.multirank  # a pool of worker processes
 def test_parallel_workers_write_the_same_dataset(tmp_path):
     src = tmp_path / "many.jsonl"
     _write_jsonl(src, [json.dumps({"text": f"document {i} " * (i % 7 + 1)}) for i in range(200)])

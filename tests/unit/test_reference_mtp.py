@@ -12,6 +12,8 @@ import pytest
 
 from tests.dist_utils import spawn
 
+pytestmark = pytest.mark.multirank
+
 LOSS_TOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
 

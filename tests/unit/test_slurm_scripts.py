@@ -17,6 +17,9 @@ import time
 
 import pytest
 
+# bash runs each script with stubbed cluster tools: processes, so not in `make test-fast`
+pytestmark = pytest.mark.functional
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SLURM_DIR = os.path.join(ROOT, "launch", "slurm")
 SCRIPTS = sorted(glob.glob(os.path.join(SLURM_DIR, "*"))) + [
