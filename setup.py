@@ -7,8 +7,6 @@ CI tests are in constraints.txt (the Makefile's venv: ``pip install -c constrain
 
 from setuptools import find_packages, setup
 
-HF = ["transformers>=5", "safetensors"]
-
 setup(
     name="mtp_megatron",
     version="0.1.0",
@@ -39,9 +37,10 @@ setup(
         "wandb": ["wandb"],
         "plot": ["matplotlib"],  # python -m mtp_megatron.plot, benchmarks/*.py
         # python -m mtp_megatron.hf export/import (docs/hf.md).
-        "hf": HF,
+        "hf": ["transformers>=5", "safetensors"],
         # CI installs .[dev]: the optional writers, the plot and the HF round trip are tested.
-        "dev": ["pytest", "ruff", "wandb", "matplotlib", *HF],
+        "dev": ["pytest", "ruff", "wandb", "matplotlib", "transformers>=5",
+                "safetensors"],
     },
     entry_points={
         "console_scripts": [
