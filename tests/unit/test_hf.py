@@ -15,6 +15,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+# Saving a checkpoint starts dist_checkpointing worker processes.
+pytestmark = pytest.mark.multirank
+
 from safetensors.torch import load_file  # noqa: E402
 
 from mtp_megatron.checkpoint import CheckpointError, TrainState, load_checkpoint  # noqa: E402
