@@ -142,8 +142,10 @@ def test_imported_checkpoint_needs_finetune(device, tmp_path):
 @pytest.mark.parametrize("model,flag", [
     (dict(normalization="LayerNorm", swiglu=True), "--swiglu"),
     (dict(normalization="RMSNorm", swiglu=False), "--swiglu"),
-    (dict(normalization="LayerNorm", disable_bias_linear=True), "--disable-bias-linear"),
-    (dict(normalization="LayerNorm", num_query_groups=2), "--num-query-groups"),
+    (dict(normalization="LayerNorm", swiglu=False, disable_bias_linear=True),
+     "--disable-bias-linear"),
+    (dict(normalization="LayerNorm", swiglu=False, disable_bias_linear=False,
+          num_query_groups=2), "--num-query-groups"),
     (dict(swiglu=True, position_embedding_type="learned_absolute"),
      "--position-embedding-type"),
 ])
