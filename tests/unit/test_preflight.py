@@ -22,7 +22,8 @@ def test_tensorboard_dir_without_tensorboard_names_the_flag_and_the_fix(tmp_path
 def test_world_size_must_match_the_launcher():
     cfg = build_config(None, {"world_size": 4}, None)
     with pytest.raises(ConfigError, match="--world-size"):
-        preflight(cfg, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+        preflight(cfg, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
 
 
 def test_output_dir_under_a_file_is_rejected(tmp_path):
