@@ -44,3 +44,35 @@ def test_local_impl_is_chosen_without_a_gpu(tmp_path):
         assert impl == "local"
     else:
         assert impl in ("local", "transformer_engine")
+
+
+def test_output_dir_and_save_that_are_files_say_so(tmp_path):
+    """Regression: a file given as --output-dir was reported as "not writable"."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for key, flag in (("output_dir", "--output-dir"), ("save", "--save")):
+        cfg = build_config(None, {key: str(blocker)}, None)
+        with pytest.raises(ConfigError, match=f"{flag}=.*is a file, expected a directory"):
+            preflight(cfg, SINGLE)
+    cfg = build_config(None, {"output_dir": str(blocker / "run")}, None)
+    with pytest.raises(ConfigError, match="file is a file, so no directory can be made"):
+        preflight(cfg, SINGLE)
+
+
+def test_load_that_is_a_file_says_so(tmp_path):
+    """Regression: --load on a file said "no such directory"."""
+    from mtp_megatron.checkpoint.layout import CheckpointError, resolve_load_dir
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_text("x")
+    cfg = build_config(None, {"load": str(ckpt), "output_dir": str(tmp_path / "run")}, None)
+    with pytest.raises(ConfigError, match="--load=.*is a file, expected a directory"):
+        preflight(cfg, SINGLE)
+    with pytest.raises(CheckpointError, match="is a file, expected a directory"):
+        resolve_load_dir(str(ckpt))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_load_dir(str(tmp_path / "nothing"))
+    cfg = build_config(None, {"load": str(tmp_path / "nothing"),
+                              "output_dir": str(tmp_path / "run")}, None)
+    with pytest.raises(ConfigError, match="no such directory"):
+        preflight(cfg, SINGLE)
