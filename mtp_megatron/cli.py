@@ -47,10 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         if options.dry_run:
-            from mtp_megatron.plan import print_plan
+            from mtp_megatron.plan import dry_run
 
-            print_plan(cfg, gpu_memory_gb=options.gpu_memory_gb, mfu=options.mfu)
-            return 0
+            return dry_run(cfg, gpu_memory_gb=options.gpu_memory_gb, mfu=options.mfu)
         from mtp_megatron.runtime.preflight import preflight
 
         launch, transformer_impl = preflight(cfg)

@@ -84,11 +84,54 @@ def check_args(args: argparse.Namespace, mtp_num_layers: int) -> int:
     return depth
 
 
-def encode(tokenizer, text: str) -> List[int]:
-    ids = list(tokenizer.tokenize(text))
+def encode(tokenizer, text: str, *, vocab_size: int, mock_data: bool = False) -> List[int]:
+    """A prompt's token ids, all inside the checkpoint's vocabulary ``0 .. vocab_size-1``.
+
+    A ``--mock-data`` checkpoint has no text tokenizer: its prompts are ids ("1 2 3").
+    """
+    if mock_data:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise UsageError(f"--prompt {text!r}: this checkpoint was trained with --mock-data, "
+                             "so a prompt is token ids separated by spaces, e.g. '1 2 3'") from None
+    else:
+        ids = [int(i) for i in tokenizer.tokenize(text)]
     if not ids:
         raise UsageError(f"--prompt {text!r}: encodes to no tokens")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UsageError(f"--prompt {text[:60]!r}: token id {bad[0]} is outside the "
+                         f"checkpoint's vocabulary (ids 0 to {vocab_size - 1})")
     return ids
+
+
+def check_positions(ids: List[List[int]], args: argparse.Namespace, model) -> None:
+    """Positions the decode reaches, against what the checkpoint was trained on.
+
+    Decoding feeds positions up to ``len(prompt) + max_new_tokens - 2``. Learned absolute
+    positions stop at ``--max-position-embeddings`` (an error past it); RoPE runs past the
+    trained ``--seq-length`` but was never trained there (a warning).
+    """
+    longest = max(len(p) for p in ids)
+    reach = longest + args.max_new_tokens - 1  # positions 0 .. reach - 1
+    if model.position_embedding_type == "learned_absolute":
+        limit = model.max_position_embeddings or model.seq_length
+        if longest > limit:
+            raise UsageError(f"--prompt: a prompt of {longest} tokens is longer than the "
+                             f"{limit} learned positions of this checkpoint "
+                             "(--position-embedding-type learned_absolute); shorten it")
+        if reach > limit:
+            raise UsageError(
+                f"--max-new-tokens {args.max_new_tokens}: a {longest}-token prompt plus "
+                f"{args.max_new_tokens} new tokens needs {reach} positions, this checkpoint "
+                f"has {limit} (learned_absolute); use --max-new-tokens "
+                f"{limit - longest + 1} or less")
+    elif reach > model.seq_length:
+        logger.warning(
+            "warning: a %d-token prompt plus --max-new-tokens %d needs %d positions, more than the "
+            "trained --seq-length %d: RoPE extrapolates past it and the output may degrade",
+            longest, args.max_new_tokens, reach, model.seq_length)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -96,8 +139,9 @@ def run(args: argparse.Namespace) -> dict:
     if not os.path.exists(args.load):
         raise UsageError(f"--load {args.load}: no such directory")
     from mtp_megatron.checkpoint import CheckpointError
-    from mtp_megatron.config import build_config
+    from mtp_megatron.config import ConfigError, build_config
     from mtp_megatron.inference.loading import (
+        build_tokenizer,
         load_for_generation,
         read_saved_config,
         single_rank,
@@ -107,10 +151,15 @@ def run(args: argparse.Namespace) -> dict:
 
     try:
         _, saved = read_saved_config(args.load)
-        depth = check_args(args, build_config(saved).mtp.mtp_num_layers or 0)
+        saved_cfg = build_config(saved)
+        depth = check_args(args, saved_cfg.mtp.mtp_num_layers or 0)
+        tokenizer = build_tokenizer(saved_cfg)
+        vocab = text_vocab_size(saved_cfg, tokenizer)
+        ids = [encode(tokenizer, p, vocab_size=vocab, mock_data=saved_cfg.data.mock_data)
+               for p in prompts]
+        check_positions(ids, args, saved_cfg.model)
         with single_rank() as device:
             model, cfg, tokenizer = load_for_generation(args.load, device)
-            ids = [encode(tokenizer, p) for p in prompts]
             return decode_prompts(
                 model, ids, vocab_size=text_vocab_size(cfg, tokenizer),
                 max_new_tokens=args.max_new_tokens, draft_depth=depth,
@@ -118,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
                 baseline=depth > 0 and not args.no_baseline,
                 detokenize=tokenizer.detokenize,
             )
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:
         raise UsageError(str(err)) from None
 
 

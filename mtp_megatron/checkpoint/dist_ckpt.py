@@ -217,9 +217,15 @@ def check_compatible(directory: str, cfg: RunConfig) -> Dict[str, Any]:
 
 
 def _describe(error: Optional[BaseException]) -> str:
+    """One line for an error: torch's CheckpointException (whose text is a traceback per
+    rank) is described by the first rank's underlying error."""
     if error is None:
         return "failed on another rank"
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (inner, _) = next(iter(error.failures.items()))
+        return f"{_describe(inner)}, reading on rank {rank}"
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _agree(ok: bool) -> bool:
@@ -305,7 +311,8 @@ def load_model_weights(path: str, model_chunks: List[torch.nn.Module]) -> Dict[s
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
     except LOAD_ERRORS as exc:
-        raise CheckpointError(f"{directory}: cannot load the model weights ({exc})") from None
+        raise CheckpointError(f"{directory}: cannot load the model weights, it is incomplete or "
+                              f"corrupt ({_describe(exc)})") from None
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
     return saved

@@ -70,6 +70,9 @@ def resolve_load_dir(path: str) -> tuple[str, int]:
     """
     if not os.path.exists(path):
         raise CheckpointError(f"--load {path}: no such directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {path}: is a file, expected a directory (a --save "
+                              "directory of a previous run, or one of its iter_N directories)")
     iteration = read_tracker(path)
     if iteration is not None:
         directory = iteration_dir(path, iteration)

@@ -7,6 +7,14 @@ import difflib
 from dataclasses import fields
 from typing import Any, Iterable, Optional
 
+# Upper bounds for integer flags, so a typo like --train-iters 10**30 is an error, not a
+# run that hangs building a dataset index for 10**31 samples. Iteration counts (flags
+# ending in -iters or -interval) stop at MAX_ITERS, 100 million optimizer steps: 100x
+# the longest published pretraining runs. Every other integer (sizes, counts, the seed)
+# stops at MAX_INT, the int32 range megatron-core, NCCL and numpy's seeding assume.
+MAX_ITERS = 10**8
+MAX_INT = 2**31 - 1
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error. The message names the flag, the value given
@@ -51,12 +59,22 @@ def closest(name: str, candidates: Iterable[str]) -> str:
     return f" Did you mean {match[0]!r}?" if match else ""
 
 
+def int_maximum(flag: str) -> int:
+    """The largest value an integer flag takes (see MAX_ITERS and MAX_INT)."""
+    return MAX_ITERS if flag.endswith(("-iters", "-interval")) else MAX_INT
+
+
 def check_int(flag: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    """``minimum <= value <= int_maximum(flag)``, an int (not a bool), or None if allowed."""
     if value is None and allow_none:
         return
+    extra = " (or omit it)" if allow_none else ""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " (or omit it)" if allow_none else ""
         raise ConfigError(flag, value, f"an integer >= {minimum}{extra}")
+    maximum = int_maximum(flag)
+    if value > maximum:
+        raise ConfigError(flag, value, f"an integer from {minimum} to {maximum:,}{extra}",
+                          "too large to be meant")
 
 
 def check_float(flag: str, value: Any, minimum: float, *, allow_none: bool = False) -> None:

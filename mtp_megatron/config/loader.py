@@ -13,7 +13,12 @@ Flat keys (``mtp_num_layers: 2`` at the top level, Megatron-LM style) are accept
 every field name belongs to exactly one section. Unknown sections, keys and flags are
 errors that suggest the closest valid name. Every boolean flag has a negation
 (``--bf16``/``--no-bf16``; ``--no-load-optim``/``--load-optim``), so a YAML ``true`` can
-be turned off from the command line.
+be turned off from the command line. A key or section given twice in one file is an
+error (PyYAML would keep the last silently).
+A YAML string is read like the flag's text on the command line: ``lr: 1e-3`` (a string
+to PyYAML, whose floats need a dot) is the float 0.001; integer flags take integer
+spellings only (``train_iters: 1e5`` is an error naming the flag, as ``--train-iters
+1e5`` is).
 
     cfg, run = load_config(["--config", "examples/tiny.yaml", "--mtp-num-layers", "2"])
 """
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpu-memory-gb", type=float, metavar="GIB",
-        help="With --dry-run: GPU memory in GiB; stages whose estimate exceeds it are flagged.",
+        help="With --dry-run: GPU memory in GiB; stages whose estimate exceeds it are flagged "
+        "and the exit code is 2 (default: checked against 80 GiB as advice, exit 0).",
     )
     parser.add_argument(
         "--mfu", type=float, metavar="FRACTION",
@@ -151,7 +157,7 @@ def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
         raise ConfigError("--config", path, "an existing YAML file", "file not found")
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            data = _yaml_load_unique(fh, path) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("--config", path, "valid YAML", str(exc).splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -198,6 +204,65 @@ def _check_keys(section: str, body: Dict[str, Any], path: str) -> None:
         )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a key repeated in one mapping is an error."""
+
+    path = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first != line:
+                raise ConfigError("--config", self.path, "each key once per mapping",
+                                  f"{key!r} is given on line {first} and again on line {line}; "
+                                  "the second would silently replace the first")
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_load_unique(stream, path: str) -> Any:
+    """``yaml.safe_load`` that rejects duplicate keys and sections, naming key and file."""
+    loader = _UniqueKeyLoader(stream)
+    loader.path = path
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _numbers_from_strings(section: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """Parse strings given to int/float fields the way the command line parses the flag."""
+    types = {f.name: f.metadata.get("type") for f in dataclasses.fields(SECTIONS[section])}
+    out = dict(body)
+    for key, value in body.items():
+        kind = types.get(key)
+        if not isinstance(value, str) or kind not in (int, float):
+            continue
+        try:
+            out[key] = kind(value.strip())
+        except ValueError:
+            if kind is int and _is_integral(value):
+                raise ConfigError(flag_of(key), value, "an integer",
+                                  f"write {int(float(value)):d}; integer flags take no "
+                                  "float notation") from None
+    return out
+
+
+def _is_integral(text: str) -> bool:
+    try:
+        number = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number == int(number)
+
+
 def build_config(
     yaml_values: Optional[Dict[str, Dict[str, Any]]] = None,
     cli_values: Optional[Dict[str, Any]] = None,
@@ -206,7 +271,7 @@ def build_config(
     """Merge defaults < YAML < CLI (and the launcher's world size) into a validated RunConfig."""
     merged: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, body in (yaml_values or {}).items():
-        merged[section].update(body)
+        merged[section].update(_numbers_from_strings(section, body))
     owner = _field_to_section()
     for key, value in (cli_values or {}).items():
         merged[owner[key]][key] = value

@@ -4,13 +4,28 @@ Step ``i`` consumes global samples ``[consumed, consumed + global_batch_size)``;
 parallel rank ``r`` takes the ``r``-th contiguous slice and cuts it into microbatches.
 The global batch is the same for every parallel layout, and resuming only needs
 ``consumed_samples``.
+
+Samples are dicts of tensors (``tokens``, ``labels``, ``loss_mask``, ``position_ids``);
+megatron-core's ``BlendedDataset`` (``--data-path`` with two or more prefixes) adds
+``dataset_id``, a numpy scalar, which :func:`collate` turns into a tensor like the rest,
+so a batch says which dataset each of its samples came from.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
+
+
+def _as_tensor(value) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+
+
+def collate(samples: Sequence[Dict[str, object]]) -> Dict[str, torch.Tensor]:
+    """Stack samples field by field; numpy values (e.g. ``dataset_id``) become tensors."""
+    return {key: torch.stack([_as_tensor(s[key]) for s in samples]) for key in samples[0]}
 
 
 class GlobalBatchSampler:
@@ -41,6 +56,6 @@ class GlobalBatchSampler:
         for m in range(self.num_microbatches):
             first = start + m * self.micro_batch_size
             samples = [self._sample(first + j) for j in range(self.micro_batch_size)]
-            microbatches.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+            microbatches.append(collate(samples))
         self.consumed_samples += self.global_batch_size
         return microbatches

@@ -93,8 +93,17 @@ def read_saved_config(path: str) -> Tuple[str, Dict[str, Dict[str, Any]]]:
     config_path = os.path.join(directory, "run_config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"--load {path}: {config_path} is missing")
-    with open(config_path) as fh:
-        return directory, yaml.safe_load(fh)
+    try:
+        with open(config_path) as fh:
+            saved = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        saved = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if not isinstance(saved, dict):
+        from mtp_megatron.checkpoint import CheckpointError
+
+        raise CheckpointError(f"--load {path}: {config_path} is corrupt (expected the saved "
+                              f"run's sectioned config; found {str(saved)[:100]!r})")
+    return directory, saved
 
 
 def load_for_generation(path: str, device: torch.device):

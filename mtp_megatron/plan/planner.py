@@ -22,6 +22,9 @@ DEFAULT_VOCAB = 512
 BYTE_LEVEL_VOCAB = 258
 # H100 SXM dense bf16 tensor-core peak; MFU is measured against it.
 H100_BF16_TFLOPS = 989.0
+# The GPU memory --dry-run checks against when --gpu-memory-gb is not given (an 80 GB
+# H100/A100); the check is then advice, not a failure.
+DEFAULT_GPU_MEMORY_GB = 80.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Plan:
     mfu: float
     peak_tflops: float
     gpu_memory_gb: Optional[float]
+    gpu_memory_assumed: bool = False  # the default, not --gpu-memory-gb
 
     @property
     def world_size(self) -> int:
@@ -124,7 +128,7 @@ def _stage_plan(cfg: RunConfig, layout: StageLayout, vocab: int) -> StagePlan:
 
 
 def build_plan(cfg: RunConfig, *, gpu_memory_gb: Optional[float] = None, mfu: float = 0.4,
-               peak_tflops: float = H100_BF16_TFLOPS) -> Plan:
+               peak_tflops: float = H100_BF16_TFLOPS, gpu_memory_assumed: bool = False) -> Plan:
     """Everything --dry-run prints, as numbers."""
     vocab = plan_vocab_size(cfg)
     return Plan(
@@ -136,4 +140,5 @@ def build_plan(cfg: RunConfig, *, gpu_memory_gb: Optional[float] = None, mfu: fl
         mfu=mfu,
         peak_tflops=peak_tflops,
         gpu_memory_gb=gpu_memory_gb,
+        gpu_memory_assumed=gpu_memory_assumed,
     )

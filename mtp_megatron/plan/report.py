@@ -113,6 +113,8 @@ def memory_table(plan: Plan) -> List[str]:
     lines = ["", f"Memory per rank (one rank per stage; {attn}; "
              "excludes CUDA context, NCCL buffers, fragmentation)"]
     fit_col = f"fits {plan.gpu_memory_gb:g} GiB" if plan.gpu_memory_gb is not None else "fits"
+    if plan.gpu_memory_assumed:
+        fit_col += " (assumed)"
     rows = [["stage", "rank", "weights", "grads", "optimizer", "act/micro-batch", "in flight",
              "act peak", "total", fit_col]]
     for stage in plan.stages:
@@ -132,10 +134,17 @@ def memory_table(plan: Plan) -> List[str]:
         worst = max(plan.stages, key=lambda s: s.total_bytes)
         lines.append(
             f"  DOES NOT FIT: stage {worst.layout.pp_rank} needs {_bytes(worst.total_bytes)} "
-            f"per GPU > --gpu-memory-gb {plan.gpu_memory_gb:g}. Try --use-distributed-optimizer, "
+            f"per GPU > {_memory_source(plan)}. Try --use-distributed-optimizer, "
             "--sequence-parallel, a larger --tensor-model-parallel-size or "
             "--pipeline-model-parallel-size, or a smaller --micro-batch-size.")
     return lines
+
+
+def _memory_source(plan: Plan) -> str:
+    if plan.gpu_memory_assumed:
+        return (f"{plan.gpu_memory_gb:g} GiB (assumed: set --gpu-memory-gb to your GPU's; "
+                "given, a plan that does not fit exits 2)")
+    return f"--gpu-memory-gb {plan.gpu_memory_gb:g}"
 
 
 def flops(plan: Plan) -> List[str]:

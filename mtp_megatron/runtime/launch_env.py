@@ -2,11 +2,17 @@
 
 Three launchers, tried in this order:
 
-- torchrun sets ``RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT``;
+- torchrun sets ``RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT`` (another launcher
+  may set them too; with ``WORLD_SIZE > 1`` all but ``LOCAL_RANK`` are required, and
+  ``LOCAL_RANK`` may be left out only when it can be derived: see ``_local_rank``);
 - ``srun`` with one task per GPU (no torchrun) sets ``SLURM_PROCID/SLURM_LOCALID/
   SLURM_NTASKS``; the master is the first host of ``SLURM_JOB_NODELIST`` and the port
   is ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID`` (the same on every task);
 - a plain ``python launch/pretrain_gpt_mtp.py`` is a single rank on a free local port.
+
+Every variable is checked before any rendezvous: a missing, non-integer or out-of-range
+one raises :class:`ConfigError` naming it (the launcher exits 2), instead of every rank
+waiting for the 10-minute rendezvous timeout.
 """
 
 from __future__ import annotations
@@ -48,26 +54,80 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(0, 0, 1, "127.0.0.1", free_port(), launcher="single")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
-    try:
-        return LaunchEnv(
-            rank=int(env["RANK"]),
-            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
-            world_size=int(env["WORLD_SIZE"]),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-        )
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(
-            "RANK/WORLD_SIZE", {k: env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-            "integers set by torchrun (or neither, for one process)",
-            f"bad launcher variable {exc}",
-        ) from None
+    """torchrun's variables (or any launcher that sets the same), checked like SLURM's.
+
+    ``RANK`` and ``WORLD_SIZE`` come together, with ``0 <= RANK < WORLD_SIZE``. With
+    ``WORLD_SIZE > 1`` the rendezvous needs ``MASTER_ADDR`` and ``MASTER_PORT`` (without
+    them every rank would wait for the 10-minute timeout). ``LOCAL_RANK`` picks the GPU:
+    see :func:`_local_rank` for when it may be left out.
+    """
+    why = "set by torchrun; launch with torchrun, or set neither RANK nor WORLD_SIZE"
+    for name in ("RANK", "WORLD_SIZE"):
+        if name not in env:
+            other = "WORLD_SIZE" if name == "RANK" else "RANK"
+            raise ConfigError(name, None, "an integer", f"missing while {other} is set; {why}")
+    world_size = _int_var(env, "WORLD_SIZE", 1, why)
+    rank = _int_var(env, "RANK", 0, why)
+    if rank >= world_size:
+        raise ConfigError("RANK", rank, f"less than WORLD_SIZE={world_size}", why)
+    if world_size > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not env.get(name):
+                raise ConfigError(name, env.get(name), "the rendezvous host and port of rank 0",
+                                  f"missing with WORLD_SIZE={world_size}; {why}")
+    master_addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    port = _port(env["MASTER_PORT"]) if env.get("MASTER_PORT") else free_port()
+    return LaunchEnv(rank=rank, local_rank=_local_rank(env, rank, world_size, master_addr),
+                     world_size=world_size, master_addr=master_addr, master_port=port)
 
 
-def _int_var(env: Mapping[str, str], name: str, minimum: int) -> int:
+def _local_rank(env: Mapping[str, str], rank: int, world_size: int, master_addr: str) -> int:
+    """This rank's index on its node (its GPU), from ``LOCAL_RANK`` when set.
+
+    Without ``LOCAL_RANK``: a single process is 0; a rendezvous on a loopback address
+    keeps every rank on this node, so it is ``RANK``; ``LOCAL_WORLD_SIZE`` (ranks per
+    node, placed node by node as torchrun and srun's block distribution do) gives
+    ``RANK mod LOCAL_WORLD_SIZE``. Otherwise the ranks may span nodes, where ``RANK``
+    would pick a GPU the node does not have, so it is an error.
+    """
+    why = "set by torchrun; the rank's GPU on its node"
+    local_world = (_int_var(env, "LOCAL_WORLD_SIZE", 1, why)
+                   if env.get("LOCAL_WORLD_SIZE") else None)
+    if env.get("LOCAL_RANK"):
+        local_rank = _int_var(env, "LOCAL_RANK", 0, why)
+        if local_world is not None and local_rank >= local_world:
+            raise ConfigError("LOCAL_RANK", local_rank,
+                              f"less than LOCAL_WORLD_SIZE={local_world}", why)
+        return local_rank
+    if world_size == 1:
+        return 0
+    if local_world is not None:
+        return rank % local_world
+    if master_addr in LOOPBACK:
+        return rank
+    raise ConfigError(
+        "LOCAL_RANK", None, "an integer >= 0",
+        f"missing with WORLD_SIZE={world_size} and MASTER_ADDR={master_addr}: the ranks may "
+        "span nodes, where RANK would pick the wrong GPU; set LOCAL_RANK (or "
+        "LOCAL_WORLD_SIZE, ranks per node), or use torchrun",
+    )
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError("MASTER_PORT", text, "a TCP port number 1..65535")
+    return int(text)
+
+
+SLURM_WHY = "set by srun for each task; launch with srun, or use torchrun"
+
+
+def _int_var(env: Mapping[str, str], name: str, minimum: int, why: str = SLURM_WHY) -> int:
     """An integer launcher variable, or a ConfigError naming it."""
-    why = "set by srun for each task; launch with srun, or use torchrun"
     if name not in env:
         raise ConfigError(name, None, f"an integer >= {minimum}", f"missing; {why}")
     try:
@@ -108,10 +168,7 @@ def slurm_master_addr(env: Mapping[str, str]) -> str:
 def slurm_master_port(env: Mapping[str, str]) -> int:
     """``MASTER_PORT`` if set, else 20000 + SLURM_JOB_ID mod 20000 (same on every task)."""
     if env.get("MASTER_PORT"):
-        port = env["MASTER_PORT"]
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("MASTER_PORT", port, "a TCP port number 1..65535")
-        return int(port)
+        return _port(env["MASTER_PORT"])
     job = env.get("SLURM_JOB_ID")
     if not job or not job.isdigit():
         raise ConfigError("SLURM_JOB_ID", job, "the integer job id SLURM sets",

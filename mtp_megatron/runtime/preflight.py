@@ -40,8 +40,9 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
     if cfg.checkpoint.save:
         _check_writable("--save", cfg.checkpoint.save)
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
-        raise ConfigError("--load", cfg.checkpoint.load, "an existing checkpoint directory",
-                          "no such directory")
+        what = ("is a file, expected a directory" if os.path.exists(cfg.checkpoint.load)
+                else "no such directory")
+        raise ConfigError("--load", cfg.checkpoint.load, "an existing checkpoint directory", what)
     return launch, transformer_impl
 
 
@@ -60,9 +61,14 @@ def _check_world_size(cfg: RunConfig, launched: int) -> None:
 
 
 def _check_writable(flag: str, path: str) -> None:
+    """``path``, or its closest existing parent (created later), is a writable directory."""
     probe = path
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     probe = probe or "."
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+    if not os.path.isdir(probe):
+        why = (f"{path} is a file, expected a directory" if probe == path
+               else f"{probe} is a file, so no directory can be made under it")
+        raise ConfigError(flag, path, "a directory this user can write", why)
+    if not os.access(probe, os.W_OK):
         raise ConfigError(flag, path, "a directory this user can write", f"{probe} is not writable")

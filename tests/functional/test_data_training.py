@@ -6,6 +6,7 @@ standard-library corpus, and data mistakes end before training with the flag to 
 
 import glob
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -91,3 +92,35 @@ def test_missing_dataset_fails_before_training(tmp_path):
     assert run.returncode != 0, run  # the rank exits 2; torchrun reports 1
     assert "--data-path" in run.stderr and "nothing.bin is missing" in run.stderr
     assert "iteration 1/" not in run.stdout
+
+
+@pytest.fixture(scope="module")
+def three_sets(tmp_path_factory):
+    """Three small byte-level datasets (different text, different sizes)."""
+    from mtp_megatron.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("blend")
+    prefixes = []
+    for name, docs in (("a", 80), ("b", 50), ("c", 30)):
+        src = out / f"{name}.jsonl"
+        with open(src, "w") as fh:
+            for i in range(docs):
+                fh.write(json.dumps({"text": f"{name} = {i} * {name}{i % 5}\n" * 3}) + "\n")
+        preprocess([str(src)], str(out / name), progress=False)
+        prefixes.append(str(out / name))
+    return prefixes
+
+
+@pytest.mark.parametrize("form", ["weights_3", "sizes_2"])
+def test_blends_train_and_validate(three_sets, tmp_path, form):
+    """Regression: any blend of >= 2 datasets crashed at step 1 (numpy dataset_id)."""
+    a, b, c = three_sets
+    blend = ["0.5", a, "0.3", b, "0.2", c] if form == "weights_3" else [a, b]
+    run = launch(TINY + ["--mtp-num-layers", "1", "--train-iters", "3", "--data-path", *blend,
+                         "--split", "80,20,0", "--data-cache-path", str(tmp_path / "cache"),
+                         "--eval-interval", "3", "--eval-iters", "1"],
+                 output_dir=str(tmp_path / "run"), torchrun=False)
+    assert run.returncode == 0, run
+    assert [r["iteration"] for r in run.metrics()] == [1, 2, 3]
+    (valid,) = run.metrics("valid")
+    assert math.isfinite(valid["lm loss"]) and valid["lm loss"] < math.log(258)

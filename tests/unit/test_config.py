@@ -211,3 +211,67 @@ def test_every_example_parses_and_validates(path):
     data = read_yaml(path)
     cfg = build_config(data, None, None)
     assert cfg.model.num_layers >= 1
+
+
+# --- YAML numbers, duplicates, integer bounds (issue 11, item 8) -----------------------
+
+def test_yaml_float_in_exponent_notation_is_a_number(tmp_path):
+    """Regression: PyYAML reads 1e-3 as a string; the error said "'1e-3' is not allowed"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 1e-3\n  min_lr: '1e-5'\n  micro_batch_size: '2'\n"
+                    "  global_batch_size: 4\n")
+    cfg = cfg_from("--config", str(path))
+    assert (cfg.training.lr, cfg.training.min_lr) == (0.001, 1e-5)
+    assert cfg.training.micro_batch_size == 2  # an integer string, as on the command line
+    path.write_text("training:\n  lr: fast\n")
+    rejects("--lr='fast' is not allowed", "--config", str(path))
+
+
+def test_yaml_integer_in_float_notation_names_the_flag_and_the_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  train_iters: 1e5\n")
+    msg = rejects("--train-iters='1e5' is not allowed", "--config", str(path))
+    assert "write 100000" in msg
+
+
+@pytest.mark.parametrize("text,where", [
+    ("model:\n  num_layers: 6\nmodel:\n  hidden_size: 96\n", "'model' is given on line 1 "
+     "and again on line 3"),
+    ("training:\n  lr: 0.01\n  lr: 0.02\n", "'lr' is given on line 2 and again on line 3"),
+])
+def test_duplicate_yaml_keys_and_sections_are_errors(tmp_path, text, where):
+    """Regression: a second ``model:`` silently reset num_layers to its default."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_yaml(str(path))
+    assert where in str(err.value) and str(path) in str(err.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: &m\n  num_layers: 6\nmtp:\n  mtp_num_layers: 1\n")
+    assert read_yaml(str(path))["model"] == {"num_layers": 6}
+    path.write_text("x: &base {num_layers: 6, hidden_size: 96}\n")  # anchors still load
+    from mtp_megatron.config.loader import _yaml_load_unique
+    with open(path) as fh:
+        assert _yaml_load_unique(fh, str(path)) == {"x": {"num_layers": 6, "hidden_size": 96}}
+    path.write_text("a: &base {num_layers: 6}\nb:\n  <<: *base\n  num_layers: 8\n")
+    with open(path) as fh:
+        assert _yaml_load_unique(fh, str(path))["b"] == {"num_layers": 8}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--train-iters", str(10**30)], "--train-iters"),  # used to be accepted, then hang
+    (["--train-iters", str(10**8 + 1)], "--train-iters"),
+    (["--eval-interval", str(10**9)], "--eval-interval"),
+    (["--hidden-size", str(2**31)], "--hidden-size"),
+    (["--seed", str(2**40)], "--seed"),
+])
+def test_huge_integers_are_rejected_naming_the_flag(argv, flag):
+    msg = rejects(f"{flag}=", *argv)
+    assert "too large" in msg
+
+
+def test_largest_allowed_iteration_count_is_accepted():
+    assert cfg_from("--train-iters", str(10**8)).training.train_iters == 10**8

@@ -91,6 +91,8 @@ def test_a_machine_check_is_printed_once_per_node(monkeypatch, capsys, tmp_path)
     monkeypatch.setenv("RANK", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")  # first rank of the second node
     monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     args = ["--global-batch-size", "32", "--load", str(tmp_path / "missing")]
     assert cli.main(args) == 2
     assert capsys.readouterr().err.count("--load=") == 1

@@ -1,5 +1,6 @@
 """GPTDataset samples from our preprocessed data, the data checks, the embedded corpus."""
 
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ import torch
 from mtp_megatron.config import ConfigError, build_config
 from mtp_megatron.data.corpus import ensure_stdlib_corpus, stdlib_files
 from mtp_megatron.data.datasets import build_datasets, prepare_data
+from mtp_megatron.data.iterator import GlobalBatchSampler
 from mtp_megatron.data.preprocess import preprocess
 
 SEQ = 32
@@ -130,3 +132,48 @@ def test_embedded_corpus_is_built_once_and_reused(tmp_path):
     cfg = build_config({"data": {"data_cache_path": str(tmp_path)}})
     plan = prepare_data(data=cfg.data, model=cfg.model)
     assert plan.blend == ([prefix], None) and "standard library" in plan.description
+
+
+def _consumed_dataset_ids(dataset, steps, *, gbs=8, mbs=2, dp=2):
+    """dataset_id of every sample the sampler hands out over ``steps`` steps (all DP ranks)."""
+    samplers = [GlobalBatchSampler(dataset, micro_batch_size=mbs, global_batch_size=gbs,
+                                   dp_rank=r, dp_size=dp) for r in range(dp)]
+    ids = []
+    for _ in range(steps):
+        for sampler in samplers:
+            for batch in sampler.next_step():
+                assert batch["tokens"].shape == (mbs, SEQ)  # the model's fields still stack
+                assert batch["dataset_id"].shape == (mbs,)
+                ids += batch["dataset_id"].tolist()
+    return torch.bincount(torch.tensor(ids), minlength=3).tolist()
+
+
+def test_weighted_blend_of_three_batches_in_the_weights_ratio(tmp_path):
+    """Regression: BlendedDataset's numpy ``dataset_id`` made torch.stack raise TypeError."""
+    prefixes = [_corpus(tmp_path, name, docs=60) for name in "abc"]
+    weights = [0.5, 0.3, 0.2]
+    blend = [str(x) for pair in zip(weights, prefixes) for x in pair]
+    cfg = _cfg(tmp_path, data_path=blend, data_cache_path=None)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+        cfg.training, global_batch_size=8, train_iters=25))
+    _, data = _build(cfg)
+    counts = _consumed_dataset_ids(data.train, steps=25)  # 200 samples
+    # megatron-core's blend index is greedy (error-minimising): every prefix of it is
+    # within one sample of the weights.
+    assert counts == [100, 60, 40], counts
+
+
+def test_unweighted_blend_mixes_in_proportion_to_dataset_sizes(tmp_path):
+    """``--data-path A B``: megatron-core weighs each by its number of samples (one epoch)."""
+    a, b = _corpus(tmp_path, "a", docs=120), _corpus(tmp_path, "b", docs=40)
+    cfg = _cfg(tmp_path, data_path=[a, b], data_cache_path=None)
+    _, data = _build(cfg)
+    sizes = [len(d) for d in data.train.datasets]
+    assert sizes[0] > 2 * sizes[1] > 0
+    # the blend is one epoch of each, capped at train_iters * global_batch_size samples
+    assert len(data.train) == min(sum(sizes), 5 * 4) == 20
+    counts = _consumed_dataset_ids(data.train, steps=5, gbs=4)
+    n = sum(counts)
+    assert n == 20
+    for got, size in zip(counts, sizes):
+        assert abs(got - n * size / sum(sizes)) <= 1, (counts, sizes)

@@ -74,3 +74,51 @@ def test_expand_hostlist_like_scontrol(spec, hosts):
 def test_expand_hostlist_rejects_garbage(spec):
     with pytest.raises(ValueError):
         expand_hostlist(spec)
+
+
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env,match", [
+    # used to wait for the 10-minute rendezvous timeout
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "MASTER_ADDR=None .*WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h"}, "MASTER_PORT=None .*WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "1", "RANK": "3"}, "RANK=3 .*less than WORLD_SIZE=1"),
+    # used to be a ValueError traceback, or accepted
+    (dict(TORCHRUN, MASTER_PORT="99999"), "MASTER_PORT='99999' .*1..65535"),
+    (dict(TORCHRUN, MASTER_PORT="http"), "MASTER_PORT='http'"),
+    (dict(TORCHRUN, RANK="-1"), "RANK='-1' .*>= 0"),
+    (dict(TORCHRUN, WORLD_SIZE="0"), "WORLD_SIZE='0' .*>= 1"),
+    (dict(TORCHRUN, WORLD_SIZE="two"), "WORLD_SIZE='two'"),
+    ({"RANK": "0"}, "WORLD_SIZE=None .*missing while RANK is set"),
+    ({"WORLD_SIZE": "1"}, "RANK=None .*missing while WORLD_SIZE is set"),
+    (dict(TORCHRUN, LOCAL_RANK="x"), "LOCAL_RANK='x'"),
+    (dict(TORCHRUN, LOCAL_WORLD_SIZE="1"), "LOCAL_RANK=1 .*less than LOCAL_WORLD_SIZE=1"),
+])
+def test_bad_torchrun_variables_are_named(env, match):
+    with pytest.raises(ConfigError, match=match):
+        read_launch_env(env)
+
+
+def test_torchrun_variables_are_read():
+    launch = read_launch_env(TORCHRUN)
+    assert (launch.rank, launch.local_rank, launch.world_size, launch.master_addr,
+            launch.master_port, launch.launcher) == (1, 1, 2, "10.0.0.1", 29500, "torchrun")
+
+
+def test_one_process_needs_no_rendezvous_variables():
+    launch = read_launch_env({"RANK": "0", "WORLD_SIZE": "1"})
+    assert (launch.rank, launch.local_rank, launch.master_addr) == (0, 0, "127.0.0.1")
+    assert 0 < launch.master_port < 65536
+
+
+def test_local_rank_is_never_a_global_rank_on_another_node():
+    """Regression: LOCAL_RANK fell back to RANK, i.e. cuda:9 on node 2 of an 8-GPU job."""
+    multi = {"RANK": "9", "WORLD_SIZE": "16", "MASTER_ADDR": "node001", "MASTER_PORT": "29500"}
+    with pytest.raises(ConfigError, match="LOCAL_RANK=None .*may span nodes"):
+        read_launch_env(multi)
+    assert read_launch_env(dict(multi, LOCAL_WORLD_SIZE="8")).local_rank == 1
+    assert read_launch_env(dict(multi, LOCAL_RANK="1")).local_rank == 1
+    # a loopback rendezvous keeps every rank on this node: RANK is the local rank
+    assert read_launch_env(dict(multi, MASTER_ADDR="127.0.0.1")).local_rank == 9

@@ -169,7 +169,7 @@ def test_dry_run_cli_prints_the_plan_and_flags_what_does_not_fit(capsys):
     assert "Plan for 1024 GPUs: TP 8 x CP 1 x DP 8 x PP 16" in out
     assert "15     960-1023  60-63" in out and "MTP x1" in out
     assert "fits 80 GiB" in out and "DOES NOT FIT" not in out
-    assert main(flags + ["--world-size", "1024", "--dry-run", "--gpu-memory-gb", "4"]) == 0
+    assert main(flags + ["--world-size", "1024", "--dry-run", "--gpu-memory-gb", "4"]) == 2
     assert "DOES NOT FIT: stage 0 needs" in capsys.readouterr().out
     assert main(["--dry-run", "--gpu-memory-gb", "-1"]) == 2
     assert "--gpu-memory-gb=-1.0 is not allowed" in capsys.readouterr().err
@@ -185,3 +185,22 @@ def test_dry_run_starts_no_processes_and_imports_no_torch():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Plan for 4096 GPUs" in done.stdout
+
+
+def test_dry_run_that_does_not_fit_exits_2_only_when_the_memory_is_given(capsys):
+    """Regression: "DOES NOT FIT" was printed with exit code 0."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+             for k, v in DSV3_DENSE.items()] + ["--world-size", "1024", "--dry-run"]
+    assert main(flags + ["--gpu-memory-gb", "4"]) == 2
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT: stage 0 needs" in captured.out and "> --gpu-memory-gb 4." in captured.out
+    assert "error: --gpu-memory-gb=4: the plan does not fit" in captured.err
+    # without the flag: checked against an 80 GiB GPU, as advice (exit 0 either way)
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert "fits 80 GiB (assumed)" in out and "DOES NOT FIT" not in out
+    naive = [f for f in flags if not f.startswith(("--tensor-model", "--sequence-parallel",
+                                                   "--use-distributed-optimizer"))]
+    assert main(naive) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "80 GiB (assumed: set --gpu-memory-gb" in out

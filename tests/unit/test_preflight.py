@@ -22,7 +22,8 @@ def test_tensorboard_dir_without_tensorboard_names_the_flag_and_the_fix(tmp_path
 def test_world_size_must_match_the_launcher():
     cfg = build_config(None, {"world_size": 4}, None)
     with pytest.raises(ConfigError, match="--world-size"):
-        preflight(cfg, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+        preflight(cfg, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
 
 
 def test_output_dir_under_a_file_is_rejected(tmp_path):
@@ -55,3 +56,35 @@ def test_divisibility_is_the_config_s_rule_not_preflight_s():
     # --world-size 3 with TP=2 fails when the config is built, before preflight runs
     with pytest.raises(ConfigError, match="--world-size=3 .*multiple of TP x PP x CP = 2"):
         build_config(None, {"tensor_model_parallel_size": 2, "world_size": 3}, None)
+
+
+def test_output_dir_and_save_that_are_files_say_so(tmp_path):
+    """Regression: a file given as --output-dir was reported as "not writable"."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for key, flag in (("output_dir", "--output-dir"), ("save", "--save")):
+        cfg = build_config(None, {key: str(blocker)}, None)
+        with pytest.raises(ConfigError, match=f"{flag}=.*is a file, expected a directory"):
+            preflight(cfg, SINGLE)
+    cfg = build_config(None, {"output_dir": str(blocker / "run")}, None)
+    with pytest.raises(ConfigError, match="file is a file, so no directory can be made"):
+        preflight(cfg, SINGLE)
+
+
+def test_load_that_is_a_file_says_so(tmp_path):
+    """Regression: --load on a file said "no such directory"."""
+    from mtp_megatron.checkpoint.layout import CheckpointError, resolve_load_dir
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_text("x")
+    cfg = build_config(None, {"load": str(ckpt), "output_dir": str(tmp_path / "run")}, None)
+    with pytest.raises(ConfigError, match="--load=.*is a file, expected a directory"):
+        preflight(cfg, SINGLE)
+    with pytest.raises(CheckpointError, match="is a file, expected a directory"):
+        resolve_load_dir(str(ckpt))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_load_dir(str(tmp_path / "nothing"))
+    cfg = build_config(None, {"load": str(tmp_path / "nothing"),
+                              "output_dir": str(tmp_path / "run")}, None)
+    with pytest.raises(ConfigError, match="no such directory"):
+        preflight(cfg, SINGLE)
