@@ -75,15 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
             meta = f.metadata
             flag = meta.get("flag") or flag_of(f.name)
             if meta["type"] is bool:
-                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+                group.add_argument(flag, dest=f.name, action="store_true", help=_help(f))
             else:
                 group.add_argument(
                     flag, dest=f.name, type=meta["type"], choices=meta["choices"],
                     nargs=meta.get("nargs"),
                     metavar=f.name.upper() if not meta["choices"] else None,
-                    help=f"{meta['help']} (default: {f.default})",
+                    help=_help(f),
                 )
     return parser
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help with its default, '%' escaped (argparse %-formats help strings)."""
+    text = f.metadata["help"]
+    if f.metadata["type"] is not bool and "(default:" not in text:
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")
 
 
 
