@@ -15,7 +15,6 @@ Prompts are decoded one at a time (batch size 1).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -181,9 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from mtp_megatron.inference.report import format_report
+    from mtp_megatron.inference.report import format_report, report_json
 
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(report_json(report) if args.json else format_report(report))
     return 0
 
 

@@ -110,15 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
             flag = meta.get("flag") or flag_of(f.name)
             if meta["type"] is bool:
                 group.add_argument(flag, negation_of(flag), dest=f.name, action=_Switch,
-                                   help=f"{meta['help']} (default: {_on_off(f.default, flag)})")
+                                   help=_help(f, flag))
             else:
                 group.add_argument(
                     flag, dest=f.name, type=meta["type"], choices=meta["choices"],
                     nargs=meta.get("nargs"),
                     metavar=f.name.upper() if not meta["choices"] else None,
-                    help=f"{meta['help']} (default: {f.default})",
+                    help=_help(f, flag),
                 )
     return parser
+
+
+def _help(f: dataclasses.Field, flag: str) -> str:
+    """A field's help with its default, '%' escaped (argparse %-formats help strings)."""
+    text = f.metadata["help"]
+    if f.metadata["type"] is bool:
+        text += f" (default: {_on_off(f.default, flag)})"
+    elif "(default:" not in text:
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")
 
 
 

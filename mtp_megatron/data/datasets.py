@@ -5,7 +5,8 @@ Two steps, so that every user mistake surfaces before any collective:
 1. :func:`prepare_data` (every rank, no communication): the tokenizer, the dataset
    prefixes (``--data-path``, or the embedded standard-library corpus, built once), and
    the checks: files present and readable, ``.bin`` size matching its ``.idx``, the
-   data's ids inside the vocabulary, enough tokens in each split for one sequence.
+   data's ids inside the vocabulary, and, for every split that will be built, at least
+   one document and one sequence's worth of tokens in each prefix.
 2. :func:`build_datasets` (every rank, collective): megatron-core's
    ``BlendedMegatronDatasetBuilder`` over ``GPTDataset`` (or ``MockGPTDataset`` with
    ``--mock-data``). Only the ranks that read batches build (the first pipeline stage
@@ -14,6 +15,15 @@ Two steps, so that every user mistake surfaces before any collective:
 
 Validation uses the ``--split`` validation documents; ``--eval-iters`` global batches of
 them, the same ones at every evaluation, so the numbers are comparable over a run.
+
+Only the splits that are read are built: train always, validation only with
+``--eval-iters`` > 0 and a validation weight, test never. megatron-core builds every split
+with a nonzero ``--split`` weight, and ``GPTDataset._get_num_epochs`` loops forever on a
+split without tokens (it adds empty epochs until it has one token), so an unread split
+with no documents would hang the run; the checks above cover exactly the splits built.
+The other loops in megatron-core's index building are bounded once each built split has
+``--seq-length`` + 1 tokens: each epoch adds at least one sample, and blending indices are
+built for a given size (we always pass one), never "exhaustively".
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -40,6 +54,8 @@ __all__ = ["MOCK_VOCAB_SIZE", "DataPlan", "Datasets", "build_datasets", "mock_to
            "prepare_data"]
 
 logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,8 @@ def prepare_data(*, data: DataConfig, model: ModelConfig) -> DataPlan:
     """Tokenizer, blend and checks. Raises :class:`ConfigError` with the flag to fix."""
     if data.mock_data:
         tokenizer = mock_tokenizer(model.vocab_size or MOCK_VOCAB_SIZE)
-        return DataPlan(tokenizer, None, None, data.data_cache_path, "mock data", True)
+        return DataPlan(tokenizer, None, None, data.data_cache_path, "mock data",
+                        data.eval_iters > 0)
     tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
     if model.vocab_size is not None and model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("--vocab-size", model.vocab_size,
@@ -85,23 +102,23 @@ def prepare_data(*, data: DataConfig, model: ModelConfig) -> DataPlan:
         weights, description = None, "embedded corpus: Python standard library"
         cache_dir = data.data_cache_path or os.path.join(os.path.dirname(prefixes[0]), "cache")
     split = parse_split(data.split)
+    has_valid = split[1] > 0 and data.eval_iters > 0
     vocab = model.vocab_size or tokenizer.vocab_size
     docs = tokens = 0
     for prefix in prefixes:
         d, t = _check_dataset(prefix, data=data, vocab=vocab, seq_length=model.seq_length,
-                              split=split)
+                              used=(True, has_valid, False))
         docs, tokens = docs + d, tokens + t
     description += (f" ({docs:,} documents, {tokens:,} tokens; tokenizer {data.tokenizer_type}, "
                     f"vocab {tokenizer.vocab_size}; split {data.split})")
-    has_valid = split[1] > 0
-    if not has_valid and data.eval_iters:
+    if split[1] == 0 and data.eval_iters:
         logger.warning("--split %s has no validation part: --eval-interval/--eval-iters have "
                        "no effect.", data.split)
     return DataPlan(tokenizer, (prefixes, weights), data.split, cache_dir, description, has_valid)
 
 
 def _check_dataset(prefix: str, *, data: DataConfig, vocab: int, seq_length: int,
-                   split: List[float]) -> Tuple[int, int]:
+                   used: Tuple[bool, bool, bool]) -> Tuple[int, int]:
     """Checks one prefix; returns its (documents, tokens)."""
     for suffix in (".bin", ".idx"):
         path = prefix + suffix
@@ -120,8 +137,7 @@ def _check_dataset(prefix: str, *, data: DataConfig, vocab: int, seq_length: int
         raise ConfigError("--data-path", prefix, "a .bin matching its .idx",
                           f"{prefix}.bin has {actual} bytes, the index describes {expected}")
     _check_meta(prefix, data=data, vocab=vocab)
-    _check_split_tokens(prefix, lengths, split=split, seq_length=seq_length,
-                        need_valid=data.eval_iters > 0, split_text=data.split)
+    _check_splits(prefix, lengths, used=used, seq_length=seq_length, split=data.split)
     return len(lengths), int(lengths.sum())
 
 
@@ -140,23 +156,36 @@ def _check_meta(prefix: str, *, data: DataConfig, vocab: int) -> None:
                           f"more than the largest id in {prefix} ({meta['max_token_id']})")
 
 
-def _check_split_tokens(prefix: str, lengths: np.ndarray, *, split: List[float],
-                        seq_length: int, need_valid: bool, split_text: str) -> None:
-    """Each used split needs one sequence's worth of tokens (megatron-core's doc split)."""
-    bounds = np.cumsum([0.0] + [s / sum(split) for s in split])
-    names = ("train", "validation")
-    for i, name in enumerate(names):
-        if split[i] == 0 or (i == 1 and not need_valid):
+def split_ranges(split: str, num_documents: int) -> List[Optional[Tuple[int, int]]]:
+    """Document ranges [begin, end) per split, exactly as megatron-core's builder cuts them."""
+    try:  # megatron-core reads the numbers with a regex: "1e2" would be three of them
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except AssertionError:
+        raise ConfigError("--split", split, "three plain decimal weights, e.g. 98,2,0") from None
+    return [None if m is None else (int(round(m[0] * float(num_documents))),
+                                    int(round(m[1] * float(num_documents)))) for m in matrix]
+
+
+def _check_splits(prefix: str, lengths: np.ndarray, *, used: Tuple[bool, bool, bool],
+                  seq_length: int, split: str) -> None:
+    """Each split that will be built needs a document and one sequence's worth of tokens."""
+    for name, is_used, bounds in zip(SPLIT_NAMES, used, split_ranges(split, len(lengths))):
+        if not is_used or bounds is None:
             continue
-        beg = int(round(bounds[i] * len(lengths)))
-        end = int(round(bounds[i + 1] * len(lengths)))
+        beg, end = bounds
+        skip = " (or --eval-iters 0 to skip validation)" if name == "validation" else ""
+        if end <= beg:
+            raise ConfigError(
+                "--split", split, f"weights that give the {name} split documents{skip}",
+                f"the {name} split of {prefix} gets 0 of its {len(lengths)} documents",
+            )
         tokens = int(lengths[beg:end].sum())
         if tokens < seq_length + 1:
             raise ConfigError(
                 "--seq-length", seq_length,
                 f"at most {max(tokens - 1, 0)}: the {name} split of {prefix} has {tokens} "
-                f"tokens ({end - beg} of {len(lengths)} documents with --split {split_text})",
-                "a sample needs --seq-length + 1 tokens; shorten it, or change --split",
+                f"tokens ({end - beg} of {len(lengths)} documents with --split {split})",
+                f"a sample needs --seq-length + 1 tokens; shorten it, or change --split{skip}",
             )
 
 
@@ -183,6 +212,10 @@ def build_datasets(plan: DataPlan, *, data: DataConfig, model: ModelConfig,
     else:
         config = GPTDatasetConfig(blend=plan.blend, split=plan.split, **common)
         cls = GPTDataset
+    # megatron-core builds every split with a bookend in the matrix (a nonzero --split
+    # weight), read or not; drop the unread ones (the bookends of the others stay as they
+    # are, so the training samples do not depend on --eval-iters).
+    config.split_matrix = [m if n else None for m, n in zip(config.split_matrix, sizes)]
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, built_on_rank, config).build()
     if train is None:  # a rank whose chunks never read the batch
         train = Placeholder(seq, sizes[0])

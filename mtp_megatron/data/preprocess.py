@@ -11,10 +11,11 @@ under ``--json-key``; any other file is one document. Every document is tokenize
 (byte-level unless ``--tokenizer-type`` says otherwise), followed by the tokenizer's
 end-of-document token, and written with megatron-core's ``IndexedDatasetBuilder``.
 
-Bad input (invalid JSON, a missing key, non-UTF-8 bytes, an empty document) is reported
-as ``file:line: reason``; it is skipped and counted, or with ``--strict`` it stops the
-run and nothing is written. Outputs are written under temporary names and renamed at
-the end, so an existing dataset is never half-overwritten. A ``<prefix>.meta.json``
+Bad input (invalid JSON, a missing key, non-UTF-8 bytes, a lone surrogate such as
+``"\\ud800"`` in a JSON string, an empty document) is reported as ``file:line: reason``;
+it is skipped and counted, or with ``--strict`` it stops the run and nothing is written
+(not even the output directory). Outputs are written under temporary names and renamed
+at the end, so an existing dataset is never half-overwritten. A ``<prefix>.meta.json``
 records the tokenizer and the largest id, which training checks against its vocabulary.
 """
 
@@ -147,7 +148,11 @@ def tokenize_record(record: Record):
     text, problem, line = _decode(record, _WORKER["json_key"])
     if problem:
         return record.source, None, problem, line, 0
-    ids = encode(_WORKER["tokenizer"], text)
+    try:
+        ids = encode(_WORKER["tokenizer"], text)
+    except UnicodeEncodeError as err:  # valid JSON can hold a lone surrogate ("\ud800")
+        problem = f"lone surrogate (U+{ord(text[err.start]):04X} at character {err.start})"
+        return record.source, None, problem, line, 0
     return record.source, ids, None, line, len(record.data)
 
 
@@ -178,12 +183,15 @@ def preprocess(
     dtype = token_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod
     file_list = list(files) if files is not None else list(iter_files(inputs, pattern))
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created = _make_dirs(os.path.dirname(os.path.abspath(output_prefix)))
     tmp = f"{output_prefix}.tmp{os.getpid()}"
     summary = Summary(output_prefix=output_prefix)
     start = time.perf_counter()
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    try:
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    except BaseException:
+        _remove_dirs(created)
+        raise
     max_id, reported = -1, 0
     try:
         bar = _progress_bar(progress)
@@ -231,11 +239,31 @@ def preprocess(
         for suffix in (".bin", ".idx", ".meta.json"):
             if os.path.exists(tmp + suffix):
                 os.remove(tmp + suffix)
+        _remove_dirs(created)
         raise
     for suffix in (".bin", ".idx", ".meta.json"):
         os.replace(tmp + suffix, output_prefix + suffix)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _make_dirs(path: str) -> List[str]:
+    """``os.makedirs(path)``; returns the directories it created, deepest first."""
+    created = []
+    while not os.path.isdir(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(created[0] if created else path, exist_ok=True)
+    return created
+
+
+def _remove_dirs(created: List[str]) -> None:
+    """Undo :func:`_make_dirs` after a failure: a failed run leaves nothing behind."""
+    for path in created:
+        try:
+            os.rmdir(path)  # only if still empty (another writer may have used it)
+        except OSError:
+            return
 
 
 def _report(bar, message: str) -> None:

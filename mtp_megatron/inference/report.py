@@ -6,7 +6,9 @@ interleaved, after one warm-up generation, so their tokens/s are comparable.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+import json
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -77,6 +79,22 @@ def speedup(spec: DecodeStats, greedy: DecodeStats, cpu: bool = False) -> Option
 
 def draft_key(draft_depth: int) -> str:
     return f"speculative_k{draft_depth}" if draft_depth else "greedy"
+
+
+def report_json(report: Dict) -> str:
+    """The report as strict JSON: an undefined number (NaN, e.g. the acceptance of a draft
+    position never reached, or an infinity) is ``null``, which jq and JavaScript accept."""
+    return json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def format_report(report: Dict) -> str:

@@ -1,8 +1,10 @@
 """GPTDataset samples from our preprocessed data, the data checks, the embedded corpus."""
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -177,3 +179,63 @@ def test_unweighted_blend_mixes_in_proportion_to_dataset_sizes(tmp_path):
     assert n == 20
     for got, size in zip(counts, sizes):
         assert abs(got - n * size / sum(sizes)) <= 1, (counts, sizes)
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Fail instead of hanging (megatron-core's epoch loop is pure Python: SIGALRM stops it)."""
+    def expired(*_):
+        raise TimeoutError(f"dataset setup still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _built_splits(cache):
+    return sorted({name.split("-")[2] for name in os.listdir(cache)})
+
+
+def test_eval_iters_0_with_an_empty_validation_split_builds_only_train(tmp_path):
+    # Issue 15: 10 documents, --split 98,2,0 -> the validation split gets 0 documents;
+    # with --eval-iters 0 megatron-core still built it and looped forever.
+    prefix = _corpus(tmp_path, docs=10)
+    cfg = _cfg(tmp_path, data_path=[prefix], split="98,2,0", eval_iters=0)
+    with _deadline(30):
+        plan, data = _build(cfg)
+    assert data.valid is None and not plan.has_valid
+    assert len(data.train) >= 5 * 4 and data.train[0]["tokens"].shape == (SEQ,)
+    assert _built_splits(tmp_path / "cache") == ["train"]
+
+
+def test_unread_splits_are_not_built_and_do_not_change_the_train_samples(tmp_path):
+    prefix = _corpus(tmp_path)
+    with_eval = _cfg(tmp_path, data_path=[prefix], split="80,10,10",
+                     data_cache_path=str(tmp_path / "a"))
+    without = _cfg(tmp_path, data_path=[prefix], split="80,10,10", eval_iters=0,
+                   data_cache_path=str(tmp_path / "b"))
+    _, a = _build(with_eval)
+    _, b = _build(without)
+    assert _built_splits(tmp_path / "a") == ["train", "valid"]  # never the test split
+    assert _built_splits(tmp_path / "b") == ["train"]
+    assert a.valid is not None and b.valid is None
+    for i in range(len(a.train)):
+        assert torch.equal(a.train[i]["tokens"], b.train[i]["tokens"])
+
+
+@pytest.mark.parametrize("split, eval_iters, name", [
+    ("98,2,0", 2, "validation"),  # the validation split is read and has no document
+    ("1,99,0", 0, "train"),
+])
+def test_a_used_split_without_documents_fails_fast(tmp_path, split, eval_iters, name):
+    prefix = _corpus(tmp_path, docs=10)
+    cfg = _cfg(tmp_path, data_path=[prefix], split=split, eval_iters=eval_iters)
+    with _deadline(30), pytest.raises(ConfigError) as err:
+        _build(cfg)
+    assert err.value.flag == "--split"
+    assert f"the {name} split of {prefix} gets 0 of its 10 documents" in str(err.value)
+

@@ -152,3 +152,30 @@ def test_data_path_blend_from_yaml_string_or_list():
     assert build_config({"data": {"data_path": "0.3 a 0.7 b"}}).data.data_path == \
         ("0.3", "a", "0.7", "b")
     assert build_config({"data": {"data_path": ["a", "b"]}}).data.data_path == ("a", "b")
+
+
+def test_a_lone_surrogate_is_a_bad_record(tmp_path, caplog, capsys):
+    # Valid JSON whose string cannot be encoded as UTF-8: it aborted the whole run.
+    src = tmp_path / "s.jsonl"
+    _write_jsonl(src, [json.dumps({"text": "good"}), r'{"text": "lone \ud800 surrogate"}',
+                       json.dumps({"text": "also good"})])
+    with caplog.at_level("WARNING"):
+        summary = preprocess([str(src)], str(tmp_path / "o"), progress=False)
+    assert [bytes(d[:-1]).decode() for d in _read(str(tmp_path / "o"))] == ["good", "also good"]
+    assert summary.skipped_by_reason == {"lone surrogate": 1}
+    assert f"{src}:2: lone surrogate (U+D800 at character 5)" in caplog.text
+    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "s"), "--strict",
+                 "--no-progress"]) == 1
+    assert f"{src}:2: lone surrogate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_failed_run_creates_no_directory(tmp_path, strict):
+    src = tmp_path / "all_bad.jsonl"
+    _write_jsonl(src, ["{not json", json.dumps({"text": " "})])  # strict or not: it fails
+    prefix = tmp_path / "new" / "deeper" / "o"
+    with pytest.raises(PreprocessError):
+        preprocess([str(src)], str(prefix), strict=strict, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["all_bad.jsonl"]
+    preprocess([str(_bad_input(tmp_path))], str(prefix), progress=False)  # a good run does
+    assert sorted(os.listdir(prefix.parent)) == ["o.bin", "o.idx", "o.meta.json"]
