@@ -1,7 +1,8 @@
 """The launcher's body: parse and validate, then plan (--dry-run) or train.
 
-User mistakes (:class:`ConfigError`) end with one clear line on stderr and exit code 2,
-never a traceback.
+User mistakes and run failures end with one clear line on stderr and a distinct exit
+code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4 (the
+table is in mtp_megatron/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from mtp_megatron.config import ConfigError, load_config
+from mtp_megatron.exit_codes import ExitCode
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -34,13 +36,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.plan import print_plan
 
             print_plan(cfg, gpu_memory_gb=options.gpu_memory_gb, mfu=options.mfu)
-            return 0
+            return ExitCode.OK
         from mtp_megatron.runtime.preflight import preflight
 
         launch, transformer_impl = preflight(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     from mtp_megatron.checkpoint import CheckpointError
     from mtp_megatron.training.faults import NonFiniteStepError
     from mtp_megatron.training.trainer import Trainer
@@ -51,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.train()
     except (ConfigError, CheckpointError, NonFiniteStepError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err)
     finally:
         if trainer is not None:
             trainer.close()
@@ -59,4 +61,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.runtime.distributed import shutdown
 
             shutdown()
-    return 0
+    return ExitCode.OK
+
+
+def exit_code(err: BaseException) -> ExitCode:
+    """The exit code for an error the launcher reports in one line."""
+    from mtp_megatron.checkpoint import CheckpointError
+    from mtp_megatron.training.faults import NonFiniteStepError
+
+    if isinstance(err, ConfigError):
+        return ExitCode.CONFIG
+    if isinstance(err, CheckpointError):
+        return ExitCode.CHECKPOINT
+    if isinstance(err, NonFiniteStepError):
+        return ExitCode.NON_FINITE
+    return ExitCode.UNEXPECTED

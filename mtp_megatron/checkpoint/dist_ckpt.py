@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -29,14 +28,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mtp_megatron.checkpoint.commit import SaveGuard
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
     CheckpointError,
-    iteration_dir,
-    partial_dir,
     partial_saves,
     resolve_load_dir,
-    write_tracker,
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 
@@ -134,15 +131,15 @@ def _layout(cfg: RunConfig) -> Dict[str, int]:
 
 
 def save_checkpoint(state: TrainState, save_dir: str) -> str:
-    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished."""
+    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished.
+
+    Any failure (disk full, read-only, ...) is the same CheckpointError on every rank;
+    the previous checkpoint stays intact (see checkpoint/commit.py).
+    """
     start = time.perf_counter()
     rank = dist.get_rank()
-    final, work = iteration_dir(save_dir, state.iteration), partial_dir(save_dir, state.iteration)
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
-        os.makedirs(work)
-    dist.barrier()
+    guard = SaveGuard(save_dir, state.iteration, keep_last=state.cfg.checkpoint.ckpt_keep_last)
+    guard.prepare()
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
@@ -156,15 +153,9 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
     }
-    dist_checkpointing.save(sharded, work, async_sharded_save=False)
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(work, CONFIG_NAME), "w") as fh:
-            yaml.safe_dump(to_dict(state.cfg), fh, sort_keys=False)
-        shutil.rmtree(final, ignore_errors=True)  # re-saving the same iteration
-        os.replace(work, final)
-        write_tracker(save_dir, state.iteration)
-    dist.barrier()
+    with guard.writing():
+        dist_checkpointing.save(sharded, guard.work, async_sharded_save=False)
+    final = guard.commit({CONFIG_NAME: yaml.safe_dump(to_dict(state.cfg), sort_keys=False)})
     logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - start) \
         if rank == dist.get_world_size() - 1 else None
     return final
