@@ -50,7 +50,7 @@ from mtp_megatron.checkpoint.processes import no_orphan_writers
 logger = logging.getLogger("mtp_megatron")
 
 PROBE_NAME = ".write_probe"
-PROBE_BYTES = 64 * 1024
+PROBE_BYTES = 4096
 # gloo's words when the peer process is gone (it failed elsewhere and exited)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 # Test hook: MTP_MEGATRON_INJECT_SAVE_ERROR=<phase>:<rank>[:<iteration>] raises
@@ -72,7 +72,10 @@ def describe(error: BaseException) -> str:
         where = f": {error.filename!r}" if error.filename else ""
         return f"[Errno {error.errno}] {error.strerror}{where}"
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+    line = text[0][:300] if text else ""
+    if "unexpected pos" in line:  # torch.save's zip writer after a short write
+        line += " (a short write: the disk is full or a file size limit was hit)"
+    return f"{type(error).__name__}: {line}"
 
 
 def _peer_gone(error: BaseException) -> bool:
@@ -209,9 +212,11 @@ class SaveGuard:
             with no_orphan_writers():
                 yield
         except CheckpointException as exc:
-            # megatron-core broadcast the failure: every rank is here, so agree on the causes
-            causes = agree(describe(exc) if self.rank == 0 else None)
-            raise self._fail(causes or [describe(exc)]) from None
+            # megatron-core broadcast the failure: every rank is here; rank 0 (its
+            # coordinator) holds every failing rank's exception
+            message = [describe(exc)]
+            dist.broadcast_object_list(message, src=0)
+            raise self._fail(message) from None
         except Exception as exc:  # this rank alone: the others wait in a collective
             if _peer_gone(exc):
                 causes = [f"another rank stopped while saving ({describe(exc)}); its own "
