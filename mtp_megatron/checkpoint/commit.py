@@ -91,12 +91,11 @@ def _inject(phase: str, iteration: int) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<{INJECT_ENV}>")
 
 
-def agree(cause: Optional[str]) -> List[str]:
-    """Every rank's failure (rank-prefixed), the same list on every rank; [] if none."""
-    causes: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(causes, cause)
-    return [f"rank {r}: {c}" if dist.get_world_size() > 1 else c
-            for r, c in enumerate(causes) if c is not None]
+def from_rank0(text: Optional[str]) -> Optional[str]:
+    """Rank 0's ``text`` on every rank (a collective: every rank must call it)."""
+    message = [text]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 def _fsync_dir(path: str) -> None:
@@ -196,9 +195,9 @@ class SaveGuard:
                 action()
             except OSError as exc:
                 cause = describe(exc)
-        causes = agree(cause)
-        if causes:
-            raise self._fail(causes)
+        cause = from_rank0(cause)
+        if cause:
+            raise self._fail([f"rank 0: {cause}" if dist.get_world_size() > 1 else cause])
 
     def prepare(self) -> None:
         """Rank 0 makes ``iter_N.partial/``; all ranks agree before anyone writes."""
@@ -214,9 +213,7 @@ class SaveGuard:
         except CheckpointException as exc:
             # megatron-core broadcast the failure: every rank is here; rank 0 (its
             # coordinator) holds every failing rank's exception
-            message = [describe(exc)]
-            dist.broadcast_object_list(message, src=0)
-            raise self._fail(message) from None
+            raise self._fail([from_rank0(describe(exc))]) from None
         except Exception as exc:  # this rank alone: the others wait in a collective
             if _peer_gone(exc):
                 causes = [f"another rank stopped while saving ({describe(exc)}); its own "
