@@ -85,6 +85,7 @@ def _save_failures_body(rank, world_size, save_dir):
         del os.environ[INJECT_ENV]
     torch.distributed.barrier()  # rank 0 removes the partial after the others raised
     out["listing"] = sorted(os.listdir(save_dir))
+    torch.distributed.barrier()  # every rank has looked before rank 0 saves again
     state.iteration = 1  # re-save a committed iteration: replaced, never lost
     out["resave"] = _try_save(state, save_dir)
     out["listing_resave"] = sorted(os.listdir(save_dir))
