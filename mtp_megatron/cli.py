@@ -1,9 +1,10 @@
 """The launcher's body: parse and validate, then plan (--dry-run) or train.
 
-User mistakes (:class:`ConfigError`) end with one clear line on stderr and exit code 2,
-never a traceback. Under a launcher every rank exits 2, but the line is printed once: a
-config error (the same on every rank) by global rank 0, a machine check that failed
-(preflight: paths, GPU, libraries) by each node's local rank 0.
+User mistakes and run failures end with one clear line on stderr and a distinct exit
+code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4 (the
+table is in mtp_megatron/exit_codes.py). Under a launcher every rank exits non-zero, but
+the line is printed once: a config error (the same on every rank) by global rank 0, a
+machine check that failed (preflight: paths, GPU, libraries) by each node's local rank 0.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from mtp_megatron.config import ConfigError, load_config
+from mtp_megatron.exit_codes import ExitCode
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -44,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, options = load_config(argv)
     except ConfigError as err:
         _report(err)
-        return 2
+        return ExitCode.CONFIG
     try:
         if options.dry_run:
             from mtp_megatron.plan import dry_run
@@ -55,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         launch, transformer_impl = preflight(cfg)
     except ConfigError as err:
         _report(err, rank_var="LOCAL_RANK", slurm_var="SLURM_LOCALID")
-        return 2
+        return ExitCode.CONFIG
     from mtp_megatron.checkpoint import CheckpointError
     from mtp_megatron.training.faults import NonFiniteStepError
     from mtp_megatron.training.trainer import Trainer
@@ -66,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.train()
     except (ConfigError, CheckpointError, NonFiniteStepError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err)
     finally:
         if trainer is not None:
             trainer.close()
@@ -74,4 +76,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.runtime.distributed import shutdown
 
             shutdown()
-    return 0
+    return ExitCode.OK
+
+
+def exit_code(err: BaseException) -> ExitCode:
+    """The exit code for an error the launcher reports in one line."""
+    from mtp_megatron.checkpoint import CheckpointError
+    from mtp_megatron.training.faults import NonFiniteStepError
+
+    if isinstance(err, ConfigError):
+        return ExitCode.CONFIG
+    if isinstance(err, CheckpointError):
+        return ExitCode.CHECKPOINT
+    if isinstance(err, NonFiniteStepError):
+        return ExitCode.NON_FINITE
+    return ExitCode.UNEXPECTED

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -31,14 +30,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mtp_megatron.checkpoint.commit import SaveGuard
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
     CheckpointError,
-    iteration_dir,
-    partial_dir,
     partial_saves,
     resolve_load_dir,
-    write_tracker,
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 
@@ -136,8 +133,13 @@ def _layout(cfg: RunConfig) -> Dict[str, int]:
 
 
 def save_checkpoint(state: TrainState, save_dir: str) -> str:
-    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished."""
-    work = _begin_save(save_dir, state.iteration)
+    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished.
+
+    Any failure (disk full, read-only, ...) is the same CheckpointError on every rank;
+    the previous checkpoint stays intact (see checkpoint/commit.py).
+    """
+    guard = SaveGuard(save_dir, state.iteration, keep_last=state.cfg.checkpoint.ckpt_keep_last)
+    guard.prepare()
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
@@ -151,7 +153,7 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
     }
-    return _finish_save(sharded, work, save_dir, state.iteration, state.cfg)
+    return _write(guard, sharded, state.cfg)
 
 
 def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,
@@ -160,40 +162,23 @@ def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: s
 
     Training starts from it with ``--load DIR --finetune`` in any layout.
     """
-    work = _begin_save(save_dir, iteration)
+    guard = SaveGuard(save_dir, iteration)
+    guard.prepare()
     sharded = dict(_model_state(model, _metadata(False)))
     sharded["common"] = {"iteration": iteration, "consumed_samples": 0,
                          "checkpoint_version": CHECKPOINT_VERSION, "layout": _layout(cfg),
                          "weights_only": True}
-    return _finish_save(sharded, work, save_dir, iteration, cfg)
+    return _write(guard, sharded, cfg)
 
 
-def _begin_save(save_dir: str, iteration: int) -> str:
-    work = partial_dir(save_dir, iteration)
-    if dist.get_rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
-        os.makedirs(work)
-    dist.barrier()
-    return work
-
-
-def _finish_save(sharded: Dict[str, Any], work: str, save_dir: str, iteration: int,
-                 cfg: RunConfig) -> str:
+def _write(guard: SaveGuard, sharded: Dict[str, Any], cfg: RunConfig) -> str:
+    """Write ``sharded`` into the guard's partial directory and commit it."""
     start = time.perf_counter()
-    rank = dist.get_rank()
-    final = iteration_dir(save_dir, iteration)
-    dist_checkpointing.save(sharded, work, async_sharded_save=False)
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(work, CONFIG_NAME), "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-        shutil.rmtree(final, ignore_errors=True)  # re-saving the same iteration
-        os.replace(work, final)
-        write_tracker(save_dir, iteration)
-    dist.barrier()
-    logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - start) \
-        if rank == dist.get_world_size() - 1 else None
+    with guard.writing():
+        dist_checkpointing.save(sharded, guard.work, async_sharded_save=False)
+    final = guard.commit({CONFIG_NAME: yaml.safe_dump(to_dict(cfg), sort_keys=False)})
+    if dist.get_rank() == dist.get_world_size() - 1:
+        logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - start)
     return final
 
 

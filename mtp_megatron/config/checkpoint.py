@@ -30,6 +30,10 @@ class CheckpointConfig:
         None, "Resume from the latest complete checkpoint in this directory.", type=str
     )
     save_interval: Optional[int] = option(None, "Save every N iterations.", type=int)
+    ckpt_keep_last: Optional[int] = option(
+        None, "After each save keep only the N most recent checkpoints under --save (never "
+        "the one latest_checkpointed_iteration.txt names); default: keep all.", type=int
+    )
     no_load_optim: bool = option(
         False, "Load the model but not the optimizer and LR scheduler states.", type=bool
     )
@@ -54,9 +58,13 @@ class CheckpointConfig:
         check_types(self)
         check_int("--save-interval", self.save_interval, 1, allow_none=True)
         check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
+        check_int("--ckpt-keep-last", self.ckpt_keep_last, 1, allow_none=True)
         check_float("--exit-duration-in-mins", self.exit_duration_in_mins, 0.0, allow_none=True)
         if self.save_interval and not self.save:
             raise ConfigError("--save-interval", self.save_interval,
+                              "only together with --save DIR")
+        if self.ckpt_keep_last and not self.save:
+            raise ConfigError("--ckpt-keep-last", self.ckpt_keep_last,
                               "only together with --save DIR")
         exits = self.exit_signal_handler or self.exit_duration_in_mins or self.exit_interval
         if exits and not self.save:

@@ -23,6 +23,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
+from mtp_megatron.checkpoint.lock import acquire_on_rank0
 from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
 from mtp_megatron.data.iterator import GlobalBatchSampler
@@ -56,6 +57,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, launch: distributed.LaunchEnv, transformer_impl: str):
         self.cfg = cfg
         self.device = distributed.initialize(cfg, launch)
+        self.save_lock = acquire_on_rank0(cfg.checkpoint.save)  # one writer per --save
         with phase("preparing data", log=log_last_rank):  # the first run builds the corpus
             self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
         tokenizer_vocab = self.data_plan.vocab_size
@@ -70,6 +72,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
+        self.committed_at: Optional[int] = None  # the iteration --save already holds
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
         self.writer = MetricsWriter.for_run(cfg.logging, enabled=distributed.is_last_rank(),
@@ -143,6 +146,8 @@ class Trainer:
         if not ckpt.load and read_tracker(root) is None:
             return  # --save alone and nothing saved yet: a fresh run
         load_checkpoint(self.state, root, checkpoint=ckpt)
+        if ckpt.save and not ckpt.finetune and _same_dir(root, ckpt.save):
+            self.committed_at = self.iteration  # already in --save: never re-saved
 
     def save(self) -> None:
         if self.cfg.checkpoint.save:
@@ -194,7 +199,7 @@ class Trainer:
             chunk.train()
         history = []
         ckpt = self.cfg.checkpoint
-        saved_at = evaluated_at = None
+        saved_at, evaluated_at = self.committed_at, None
         eval_interval = self.cfg.data.eval_interval
         first = True
         while self.iteration < self.cfg.training.train_iters:
@@ -223,4 +228,10 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.save_lock is not None:
+            self.save_lock.release()
         distributed.shutdown()
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

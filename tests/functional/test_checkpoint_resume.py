@@ -205,7 +205,7 @@ def test_nan_stops_without_saving_or_is_skipped(tmp_path):
     ck = tmp_path / "ck"
     run = launch(TINY + MTP2 + ["--train-iters", "6", "--save", str(ck), "--save-interval", "2"],
                  output_dir=str(tmp_path / "a"), torchrun=False, env=env)
-    assert run.returncode == 3, run
+    assert run.returncode == 4, run  # ExitCode.NON_FINITE
     assert "iteration 3: NaN/Inf" in run.stderr
     assert _tracker(ck) == 2 and sorted(os.listdir(ck)) == [
         "iter_0000002", "latest_checkpointed_iteration.txt"]
