@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -95,10 +96,11 @@ class MetricsLogger:
             "ms/iter": seconds * 1000.0,
             "TFLOP/s": tokens_per_s * self.flops_per_token / 1e12,
             "skipped": sum(s.skipped for s in steps),
+            **peak_memory(),
         })
         parts = [f"iteration {it}/{self.train_iters}"]
         for key, value in row.items():
-            if key in ("iteration", "skipped") or value is None:
+            if key in ("iteration", "skipped") or key.startswith("max ") or value is None:
                 continue
             if key.endswith("loss") or key == "lr":
                 parts.append(f"{key} {value:.6E}")
@@ -119,6 +121,16 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer:
             self.writer.close()
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (MiB) and, on GPU, torch's peak allocation."""
+    row = {"max RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        row["max GPU allocated MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
 
 
 def _tensorboard_writer(path: str):
