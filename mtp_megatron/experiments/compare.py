@@ -61,8 +61,12 @@ def _prompts(spec: ExperimentSpec, prompt_file: Optional[str]) -> Optional[List[
 
 
 def decode_all(spec: ExperimentSpec, results: List[Dict], prompts: List[str]) -> None:
+    import torch
+
     from mtp_megatron.inference.loading import single_rank
 
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     with single_rank():
         for result in results:
             if result["depth"]:
@@ -77,7 +81,8 @@ def environment() -> Dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
+           "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

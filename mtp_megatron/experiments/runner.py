@@ -54,9 +54,11 @@ def has_final_validation(run_dir: str, train_iters: int) -> bool:
     return False
 
 
-def launch(command: List[str], log_path: str) -> int:
+def launch(command: List[str], log_path: str, threads: Optional[int] = None) -> int:
     """Run the command with its output in ``log_path``; returns the exit code."""
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     with open(log_path, "w") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -69,8 +71,8 @@ def ensure_trained(run: RunSpec, spec: ExperimentSpec) -> Dict:
     command = torchrun_command(run, spec)
     done = read_done(run_dir)
     args = command[command.index(LAUNCHER) + 1:]
-    if done is not None and (done["launcher_args"], done["nproc_per_node"]) == (
-            args, spec.nproc_per_node):
+    if done is not None and (done["launcher_args"], done["nproc_per_node"],
+                             done.get("threads")) == (args, spec.nproc_per_node, spec.threads):
         logger.info("%s: finished earlier, not retrained", run.name)
         return done
     if os.path.isdir(run_dir):
@@ -79,13 +81,14 @@ def ensure_trained(run: RunSpec, spec: ExperimentSpec) -> Dict:
     logger.info("%s: training %d iterations (log: %s)", run.name, run.train_iters,
                 os.path.join(run_dir, "train.log"))
     start = time.time()
-    code = launch(command, os.path.join(run_dir, "train.log"))
+    code = launch(command, os.path.join(run_dir, "train.log"), spec.threads)
     wall = time.time() - start
     if code != 0 or not has_final_validation(run_dir, run.train_iters):
         raise RuntimeError(f"{run.name}: the launcher exited with {code} and no final "
                            f"validation; see {os.path.join(run_dir, 'train.log')}")
     done = {"run": run.name, "command": command,
             "launcher_args": args, "nproc_per_node": spec.nproc_per_node,
+            "threads": spec.threads,
             "wall_seconds": round(wall, 2), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average": list(os.getloadavg())}
     with open(os.path.join(run_dir, DONE), "w") as fh:

@@ -32,7 +32,12 @@ DEFAULT_LAUNCHER_ARGS: Tuple[str, ...] = (
 # Flags the experiment sets per run; passing them through would break the comparison.
 OWNED_FLAGS = ("--mtp-num-layers", "--mtp-loss-scaling-factor", "--train-iters", "--seed",
                "--output-dir", "--save", "--load", "--eval-interval", "--eval-iters",
-               "--log-interval", "--lr-warmup-iters", "--lr-decay-iters", "--config")
+               "--log-interval", "--lr-decay-iters", "--config")
+# The same settings in a launcher YAML (section -> keys; None: the whole section).
+OWNED_YAML = {"mtp": None, "checkpoint": ("save", "load"),
+              "logging": ("output_dir", "log_interval"),
+              "training": ("train_iters", "seed", "lr_decay_iters"),
+              "data": ("eval_interval", "eval_iters")}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class ExperimentSpec:
     eval_iters: int = 8
     log_interval: int = 10
     nproc_per_node: int = 1
+    threads: Optional[int] = None  # OMP_NUM_THREADS of every rank (None: torch's default)
     launcher_config: Optional[str] = None  # a launcher YAML (model, parallel, data, ...)
     launcher_args: Tuple[str, ...] = DEFAULT_LAUNCHER_ARGS
     equal_flops: bool = True
@@ -79,6 +85,10 @@ class ExperimentSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError("--" + name.replace("_", "-"), value, f"an integer >= {low}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError("--threads", self.threads, "an integer >= 1 (or unset)")
+        if self.launcher_config:
+            check_launcher_yaml(self.launcher_config)
         for arg in self.launcher_args:
             flag = arg.split("=")[0]
             if flag in OWNED_FLAGS:
@@ -157,6 +167,22 @@ def plan_runs(spec: ExperimentSpec, baseline_iters: Dict[int, int]) -> List[RunS
     return runs
 
 
+def check_launcher_yaml(path: str) -> None:
+    """A launcher YAML shared by every run must leave the experiment's settings alone
+    (a YAML ``mtp`` section would give the baseline MTP layers)."""
+    if not os.path.isfile(path):
+        raise ConfigError("launcher_config", path, "an existing launcher YAML file")
+    with open(path) as fh:
+        body = yaml.safe_load(fh) or {}
+    for section, keys in OWNED_YAML.items():
+        found = sorted(body.get(section) or {}) if keys is None else \
+            sorted(k for k in (body.get(section) or {}) if k in keys)
+        if found:
+            raise ConfigError("launcher_config", path,
+                              f"no {section}: {', '.join(found)} (the experiment sets it per run)",
+                              "remove it from the YAML; use the experiment's options")
+
+
 # -- flags and YAML ----------------------------------------------------------------------
 _HELP = {
     "out_dir": "Directory of the runs, results.json, results.md and the PNGs.",
@@ -171,6 +197,8 @@ _HELP = {
     "eval_iters": "Global batches per validation.",
     "log_interval": "Training log interval (step time is averaged per interval).",
     "nproc_per_node": "torchrun --nproc-per-node of every run (any TP/PP/DP layout).",
+    "threads": "OMP_NUM_THREADS of every rank and of the decoding (default: torch's); 1 "
+               "keeps step times steady on a CPU shared with other work.",
     "launcher_config": "A launcher YAML (model, parallel, data, ...) shared by every run.",
     "equal_flops": "Also train baselines for the MTP runs' training FLOPs.",
     "speculative": "Save MTP checkpoints and measure self-speculative decoding.",
@@ -205,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="+", type=int if f.name == "depths" else float)
         elif f.type in ("bool",):
             kwargs.update(action=argparse.BooleanOptionalAction)
-        elif f.type == "int":
+        elif f.type in ("int", "Optional[int]"):
             kwargs.update(type=int)
         parser.add_argument(flag_name(f.name), **kwargs)
     return parser
