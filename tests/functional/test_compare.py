@@ -1,7 +1,6 @@
 """End to end: ``python -m mtp_megatron.experiments.compare`` on a tiny config, twice.
 
-Two real runs (baseline and D=1, TP=2 on 2 CPU ranks, a few iterations on the embedded
-corpus), speculative decoding of their checkpoint, then a second invocation that must
+Two real runs (baseline and D=1, one CPU rank, a few iterations on the embedded corpus), speculative decoding of their checkpoint, then a second invocation that must
 not train again. The comparison logic itself is in tests/unit/test_compare.py.
 """
 
@@ -18,10 +17,9 @@ pytestmark = pytest.mark.functional
 
 ARGS = ["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "0.3", "--seeds", "1",
         "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
-        "--no-equal-flops", "--prompts", "2", "--max-new-tokens", "8", "--nproc-per-node", "2",
+        "--no-equal-flops", "--prompts", "2", "--max-new-tokens", "8", "--nproc-per-node", "1",
         "--", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-        "--tensor-model-parallel-size", "2"]
+        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
 
 
 def compare(out_dir):
@@ -30,7 +28,7 @@ def compare(out_dir):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
-def test_tp2_baseline_vs_mtp1_runs_reports_and_resumes(tmp_path):
+def test_baseline_vs_mtp1_runs_reports_and_resumes(tmp_path):
     out = str(tmp_path / "cmp")
     first = compare(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
