@@ -25,9 +25,9 @@ setup(
         # package of that name is unrelated); it is detected at run time in NGC images.
         "te": ["transformer_engine[pytorch]"],
         "tensorboard": ["tensorboard"],
-        "plot": ["matplotlib"],  # benchmarks/speculative_decoding.py's PNG
+        "plot": ["matplotlib"],  # the benchmarks' and experiments.compare's PNGs
         # python -m mtp_megatron.hf export/import (docs/hf.md); dev includes it for the tests.
         "hf": HF,
-        "dev": ["pytest", "ruff", *HF],
+        "dev": ["pytest", "ruff", "matplotlib", *HF],  # matplotlib: tests/unit/test_compare.py
     },
 )

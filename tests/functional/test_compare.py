@@ -1,7 +1,8 @@
 """End to end: ``python -m mtp_megatron.experiments.compare`` on a tiny config, twice.
 
-Two real runs (baseline and D=1, one CPU rank, a few iterations on the embedded corpus), speculative decoding of their checkpoint, then a second invocation that must
-not train again. The comparison logic itself is in tests/unit/test_compare.py.
+Two real runs (baseline and D=1, one CPU rank, a few iterations on the embedded corpus),
+speculative decoding of the MTP checkpoint, then a second invocation that must not
+train again. The comparison logic itself is in tests/unit/test_compare.py.
 """
 
 import json

@@ -222,3 +222,15 @@ def test_spec_flags_yaml_and_errors(tmp_path):
         load_spec(["--", "--mtp-num-layers", "2"])
     with pytest.raises(ConfigError, match="--mtp-loss-scaling-factor"):
         ExperimentSpec(factors=(0.0,))
+
+
+def test_trainer_metrics_record_peak_memory(tmp_path):
+    """metrics.jsonl rows carry the process's peak RSS (the cost table's memory column)."""
+    from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
+
+    log = MetricsLogger(log_interval=1, train_iters=1, tokens_per_step=10, flops_per_token=1.0,
+                        is_logging_rank=True, output_dir=str(tmp_path))
+    line = log.record(StepMetrics(1, 2.0, [2.5], 1e-3, 1.0, 0.1))
+    log.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["max RSS MiB"] > 10 and "max RSS" not in line
