@@ -41,3 +41,9 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) runs
+
+# Baseline vs MTP, like for like (docs/results.md); ~20-30 min on 2 CPU cores, resumable.
+#   make compare COMPARE_ARGS="--seeds 3 --out-dir runs/compare3"
+.PHONY: compare
+compare: venv
+	$(BIN)/python -m mtp_megatron.experiments.compare $(COMPARE_ARGS)

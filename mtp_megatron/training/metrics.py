@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -103,10 +104,12 @@ class MetricsLogger:
             "ms/iter": seconds * 1000.0,
             "TFLOP/s": tokens_per_s * self.flops_per_token / 1e12,
             "skipped": sum(s.skipped for s in steps),
+            **peak_memory(),
         })
         parts = [f"iteration {it}/{self.train_iters}", self._progress(it)]
         for key, value in row.items():
-            if key in ("iteration", "tokens", "skipped") or value is None:
+            if key in ("iteration", "tokens", "skipped") or key.startswith("max ") \
+                    or value is None:
                 continue
             if key.endswith("loss") or key == "lr":
                 parts.append(f"{key} {value:.6E}")
@@ -128,3 +131,13 @@ class MetricsLogger:
 
 def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(max(0.0, seconds))))
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (MiB) and, on GPU, torch's peak allocation."""
+    row = {"max RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        row["max GPU allocated MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
