@@ -133,16 +133,8 @@ def _layout(cfg: RunConfig) -> Dict[str, int]:
             "dp": par.data_parallel_size, "vpp": cfg.virtual_pipeline_size or 1}
 
 
-def save_checkpoint(state: TrainState, save_dir: str) -> str:
-    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished."""
-    start = time.perf_counter()
-    rank = dist.get_rank()
-    final, work = iteration_dir(save_dir, state.iteration), partial_dir(save_dir, state.iteration)
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
-        os.makedirs(work)
-    dist.barrier()
+def sharded_state(state: TrainState) -> Dict[str, Any]:
+    """What a checkpoint holds (shared by the synchronous and the --async-save path)."""
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
@@ -156,7 +148,20 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
     }
-    dist_checkpointing.save(sharded, work, async_sharded_save=False)
+    return sharded
+
+
+def save_checkpoint(state: TrainState, save_dir: str) -> str:
+    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished."""
+    start = time.perf_counter()
+    rank = dist.get_rank()
+    final, work = iteration_dir(save_dir, state.iteration), partial_dir(save_dir, state.iteration)
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
+        os.makedirs(work)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(state), work, async_sharded_save=False)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(work, CONFIG_NAME), "w") as fh:

@@ -10,6 +10,8 @@ import importlib.util
 import os
 from typing import Tuple
 
+import torch
+
 from mtp_megatron.config import ConfigError, RunConfig
 from mtp_megatron.runtime.accel import check_fp8_runtime, resolve_transformer_impl
 from mtp_megatron.runtime.launch_env import LaunchEnv, read_launch_env
@@ -38,6 +40,12 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
         raise ConfigError(
             "--tensorboard-dir", cfg.logging.tensorboard_dir, "only with tensorboard installed",
             "pip install -e .[tensorboard]",
+        )
+    if cfg.checkpoint.async_save and not torch.cuda.is_available():
+        raise ConfigError(
+            "--async-save", True, "only on a GPU",
+            "megatron-core's async checkpoint writer needs CUDA; drop --async-save on CPU "
+            "(the synchronous save is used without it)",
         )
     _check_writable("--output-dir", cfg.logging.output_dir)
     if cfg.checkpoint.save:
