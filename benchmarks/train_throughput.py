@@ -2,9 +2,9 @@
 
 In one process (one rank), for each MTP depth D in ``--depths`` (default 0, 1, 2):
 
-* **package**: ``Trainer(cfg).train_step()`` with ``--mock-data`` (data, forward-backward,
+* **package**: ``Trainer(cfg).run_step()`` with ``--mock-data`` (data, forward-backward,
   NaN/exit agreement, optimizer, scheduler, loss bookkeeping: everything the launcher runs
-  per step except logging);
+  per step except the log line; an older checkout's ``train_step()``);
 * **bare**: megatron-core alone on the same shapes, the shape of its
   ``run_simple_mcore_train_loop.py``: ``GPTModel`` (+ MTP block) in mcore DDP,
   ``get_megatron_optimizer``, ``get_forward_backward_func()``, pre-built random batches.
@@ -142,8 +142,9 @@ def measure_package(args, depth: int, steps: int):
     try:
         for chunk in trainer.model:
             chunk.train()
-        times = _time(trainer.train_step, args.warmup, steps)
-        peak = _peak(trainer.train_step)
+        step = getattr(trainer, "run_step", trainer.train_step)  # older loops: train_step
+        times = _time(step, args.warmup, steps)
+        peak = _peak(step)
         flops = trainer.metrics.flops_per_token
     finally:
         trainer.close()

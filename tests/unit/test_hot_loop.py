@@ -94,7 +94,8 @@ def _train(rank, world_size, variants, output_dir):
 def runs(tmp_path_factory):
     variants = {
         "base": {},
-        "workers": {"num_workers": 2},
+        # DP=1: the overlapped (bucketed) grad reduce must not change a bit either
+        "workers": {"num_workers": 2, "overlap_grad_reduce": True, "ddp_bucket_size": 4096},
         "recompute": {"recompute_granularity": "full", "recompute_method": "uniform",
                       "recompute_num_layers": 1},
         "selective_timed": {"recompute_granularity": "selective", "timing_log_level": 1},
@@ -114,7 +115,7 @@ def test_two_host_syncs_per_step_and_losses_reduced_once_per_window(runs):
 
 
 @pytest.mark.multirank
-def test_num_workers_gives_the_same_losses(runs):
+def test_num_workers_and_overlap_grad_reduce_give_the_same_losses(runs):
     base, workers = runs["base"], runs["workers"]
     assert workers["lm"] == base["lm"] and workers["mtp"] == base["mtp"]
     assert workers["steps"] == base["steps"]
