@@ -9,8 +9,9 @@ In one process (one rank), for each MTP depth D in ``--depths`` (default 0, 1, 2
   ``run_simple_mcore_train_loop.py``: ``GPTModel`` (+ MTP block) in mcore DDP,
   ``get_megatron_optimizer``, ``get_forward_backward_func()``, pre-built random batches.
 
-Both are timed over the same steps after warm-up, interleaved package/bare per depth, and
-the script prints, from this run only:
+Both live in the same process groups and are timed step by step, alternating package and
+bare (so a busy machine slows both alike), after warm-up; the script prints, from this
+run only:
 
 * ``package / bare`` step-time ratio per D (goal: <= 1.03 on GPU, <= 1.0 +- noise on CPU);
 * the MTP step-time overhead ``t(D) / t(0)`` next to the FLOP model's
@@ -25,7 +26,7 @@ GPU (bf16, bigger shapes):
     python benchmarks/train_throughput.py --bf16 --hidden-size 2048 --num-layers 8 \\
         --num-attention-heads 16 --seq-length 2048 --micro-batch-size 2 --steps 20
 It runs against whichever ``mtp_megatron`` is on ``PYTHONPATH`` (e.g. an older checkout,
-to compare loops).
+to compare loops: ``PYTHONPATH=/path/to/old python benchmarks/train_throughput.py``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per loop and depth")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1,
-                   help="alternate package/bare this many times per depth (median taken)")
+                   help="build and measure this many times per depth (median of all steps)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
@@ -130,31 +131,9 @@ def _peak(step: Callable[[], None]) -> int:
     return _saved_bytes(step)
 
 
-def measure_package(args, depth: int, steps: int):
-    """Median seconds per ``Trainer.train_step`` and the peak-memory figure."""
-    from mtp_megatron.runtime.preflight import preflight
-    from mtp_megatron.training.trainer import Trainer
-
-    _env()
-    cfg = run_config(args, depth)
-    launch, impl = preflight(cfg)
-    trainer = Trainer(cfg, launch, impl)
-    try:
-        for chunk in trainer.model:
-            chunk.train()
-        step = getattr(trainer, "run_step", trainer.train_step)  # older loops: train_step
-        times = _time(step, args.warmup, steps)
-        peak = _peak(step)
-        flops = trainer.metrics.flops_per_token
-    finally:
-        trainer.close()
-    return times, peak, flops, impl
-
-
-def measure_bare(args, depth: int, steps: int, impl: str):
-    """The same shapes through megatron-core only (run_simple_mcore_train_loop's shape)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def build_bare_step(args, depth: int, impl: str, device: torch.device) -> Callable[[], None]:
+    """The same shapes through megatron-core only (run_simple_mcore_train_loop's shape),
+    in the process groups the package's Trainer already made."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -168,34 +147,15 @@ def measure_bare(args, depth: int, steps: int, impl: str):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from mtp_megatron.runtime import cpu_bridge
-
-    _env()
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(0)
-        device = torch.device("cuda", 0)
-    else:
-        cpu_bridge.install()  # megatron-core needs it to run on CPU at all
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if on_gpu else "gloo",
-                            init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-                            rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    MTPLossLoggingHelper.tracker.clear()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
         normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
         bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
-        use_cpu_initialization=not on_gpu, mtp_num_layers=depth or None,
+        use_cpu_initialization=device.type == "cpu", mtp_num_layers=depth or None,
         mtp_loss_scaling_factor=0.1,
     )
     te = impl == "transformer_engine"
@@ -241,17 +201,38 @@ def measure_bare(args, depth: int, steps: int, impl: str):
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
             forward_only=False)
         optimizer.step()
-        if "values" in MTPLossLoggingHelper.tracker:
-            MTPLossLoggingHelper.clean_loss_in_tracker()
 
     model.train()
+    return step
+
+
+def measure(args, depth: int, steps: int):
+    """Package and bare steps, alternating one by one (so machine load hits both alike):
+    seconds per step for each, their peak-memory figures and FLOPs per token."""
+    from mtp_megatron.runtime.preflight import preflight
+    from mtp_megatron.training.trainer import Trainer
+
+    _env()
+    cfg = run_config(args, depth)
+    launch, impl = preflight(cfg)
+    trainer = Trainer(cfg, launch, impl)
     try:
-        times = _time(step, args.warmup, steps)
-        peak = _peak(step)
+        for chunk in trainer.model:
+            chunk.train()
+        package = getattr(trainer, "run_step", trainer.train_step)  # older loops: train_step
+        bare = build_bare_step(args, depth, impl, trainer.device)
+        for _ in range(args.warmup):
+            package()
+            bare()
+        pkg_times, bare_times = [], []
+        for _ in range(steps):
+            pkg_times += _time(package, 0, 1)
+            bare_times += _time(bare, 0, 1)
+        peaks = _peak(package), _peak(bare)
+        flops = trainer.metrics.flops_per_token
     finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-    return times, peak
+        trainer.close()
+    return pkg_times, bare_times, peaks, flops
 
 
 def main(argv=None) -> int:
@@ -264,10 +245,9 @@ def main(argv=None) -> int:
     for depth in depths:
         pkg_times, bare_times = [], []
         for _ in range(args.rounds):
-            t, pkg_peak, flops, impl = measure_package(args, depth, args.steps)
-            pkg_times += t
-            t, bare_peak = measure_bare(args, depth, args.steps, impl)
-            bare_times += t
+            p, b, (pkg_peak, bare_peak), flops = measure(args, depth, args.steps)
+            pkg_times += p
+            bare_times += b
         results[depth] = {
             "package_s": statistics.median(pkg_times), "bare_s": statistics.median(bare_times),
             "package_peak_bytes": pkg_peak, "bare_peak_bytes": bare_peak,
