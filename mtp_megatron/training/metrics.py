@@ -143,13 +143,15 @@ class MetricsLogger:
             "tokens/s": tokens_per_s,
             "ms/iter": seconds * 1000.0,
             "TFLOP/s/GPU": tflops_per_gpu(tokens_per_s, self.flops_per_token, self.world_size),
+            # the whole job's rate: kept in metrics.jsonl (experiments/ read it), not printed
+            "TFLOP/s": tokens_per_s * self.flops_per_token / 1e12,
         })
         if self.peak_tflops:
             row["MFU"] = row["TFLOP/s/GPU"] / self.peak_tflops
         row["skipped"] = sum(s.skipped for s in steps)
         parts = [f"iteration {it}/{self.train_iters}"]
         for key, value in row.items():
-            if key in ("iteration", "skipped") or value is None:
+            if key in ("iteration", "skipped", "TFLOP/s") or value is None:
                 continue
             if key.endswith("loss") or key == "lr":
                 parts.append(f"{key} {value:.6E}")
