@@ -55,6 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from mtp_megatron.runtime.preflight import preflight
 
         launch, transformer_impl = preflight(cfg)
+        from mtp_megatron.runtime.cuda_env import apply_cuda_env
+
+        apply_cuda_env(cfg)  # before CUDA is initialised (the Trainer does it)
     except ConfigError as err:
         _report(err, rank_var="LOCAL_RANK", slurm_var="SLURM_LOCALID")
         return ExitCode.CONFIG

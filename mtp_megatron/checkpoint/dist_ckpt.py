@@ -132,14 +132,8 @@ def _layout(cfg: RunConfig) -> Dict[str, int]:
             "dp": par.data_parallel_size, "vpp": cfg.virtual_pipeline_size or 1}
 
 
-def save_checkpoint(state: TrainState, save_dir: str) -> str:
-    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished.
-
-    Any failure (disk full, read-only, ...) is the same CheckpointError on every rank;
-    the previous checkpoint stays intact (see checkpoint/commit.py).
-    """
-    guard = SaveGuard(save_dir, state.iteration, keep_last=state.cfg.checkpoint.ckpt_keep_last)
-    guard.prepare()
+def sharded_state(state: TrainState) -> Dict[str, Any]:
+    """What a checkpoint holds (shared by the synchronous and the --async-save path)."""
     md = _metadata(state.cfg.parallel.use_distributed_optimizer)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
@@ -153,7 +147,18 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
     }
-    return _write(guard, sharded, state.cfg)
+    return sharded
+
+
+def save_checkpoint(state: TrainState, save_dir: str) -> str:
+    """Save on every rank; commit (rename + tracker) on rank 0 once all have finished.
+
+    Any failure (disk full, read-only, ...) is the same CheckpointError on every rank;
+    the previous checkpoint stays intact (see checkpoint/commit.py).
+    """
+    guard = SaveGuard(save_dir, state.iteration, keep_last=state.cfg.checkpoint.ckpt_keep_last)
+    guard.prepare()
+    return _write(guard, sharded_state(state), state.cfg)
 
 
 def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,

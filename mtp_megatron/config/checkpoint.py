@@ -54,8 +54,15 @@ class CheckpointConfig:
         None, "Save and exit when the iteration is a multiple of this.", type=int
     )
 
+    async_save: bool = option(
+        False, "Write checkpoints in the background (GPU only: megatron-core's async "
+        "dist_checkpointing); training continues while the files are written.", type=bool,
+    )
+
     def __post_init__(self):
         check_types(self)
+        if self.async_save and not self.save:
+            raise ConfigError("--async-save", True, "only together with --save DIR")
         check_int("--save-interval", self.save_interval, 1, allow_none=True)
         check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
         check_int("--ckpt-keep-last", self.ckpt_keep_last, 1, allow_none=True)

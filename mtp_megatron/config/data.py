@@ -95,8 +95,15 @@ class DataConfig:
         10, "Global batches per validation (the same ones every time; 0 disables).", type=int
     )
 
+    num_workers: int = option(
+        0, "DataLoader worker processes that build the next steps' microbatches (pinned "
+        "memory on GPU); 0 builds them in the main process. Same samples, same order.",
+        type=int,
+    )
+
     def __post_init__(self):
         check_types(self)
+        check_int("--num-workers", self.num_workers, 0)
         if isinstance(self.data_path, str):
             object.__setattr__(self, "data_path", tuple(self.data_path.split()))
         elif self.data_path is not None:

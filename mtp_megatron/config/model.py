@@ -19,6 +19,8 @@ POSITION_EMBEDDINGS = ("rope", "none", "learned_absolute")
 MTP_POSITION_EMBEDDINGS = ("rope", "none")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# megatron-core's AttnBackend names (megatron/core/transformer/enums.py).
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,27 @@ class ModelConfig:
         type=str,
         choices=TRANSFORMER_IMPLS,
     )
+    attention_backend: str = option(
+        "auto", "Attention kernel (megatron-core AttnBackend): auto, flash, fused, unfused "
+        "(Transformer Engine's) or local (megatron-core's unfused DotProductAttention).",
+        type=str, choices=ATTENTION_BACKENDS,
+    )
 
     def __post_init__(self):
         check_types(self)
+        if self.transformer_impl == "local" and self.attention_backend in ("flash", "fused",
+                                                                           "unfused"):
+            raise ConfigError(
+                "--attention-backend", self.attention_backend,
+                "auto or local with --transformer-impl local",
+                "flash, fused and unfused are Transformer Engine kernels",
+            )
+        if self.transformer_impl == "transformer_engine" and self.attention_backend == "local":
+            raise ConfigError(
+                "--attention-backend", "local", "auto, flash, fused or unfused with "
+                "--transformer-impl transformer_engine",
+                "local attention is the --transformer-impl local layer",
+            )
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             check_int(flag_of(name), getattr(self, name), 1)
         for name in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings"):

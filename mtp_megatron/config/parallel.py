@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +13,8 @@ from mtp_megatron.config.fields import (
     flag_of,
     option,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,18 @@ class ParallelConfig:
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state over data parallel ranks.", type=bool
     )
+    overlap_grad_reduce: bool = option(
+        False, "Overlap the data-parallel gradient reduce-scatter/all-reduce with backward "
+        "(megatron-core DDP buckets).", type=bool,
+    )
+    overlap_param_gather: bool = option(
+        False, "Overlap the distributed optimizer's parameter all-gather with the next "
+        "forward (needs --use-distributed-optimizer).", type=bool,
+    )
+    ddp_bucket_size: Optional[int] = option(
+        None, "Elements per DDP gradient bucket (default: megatron-core's, "
+        "max(40M, 1M x DP) with overlap).", type=int,
+    )
     world_size: Optional[int] = option(
         None, "World size (default: from the launcher; set it for --dry-run).", type=int
     )
@@ -40,6 +55,16 @@ class ParallelConfig:
         check_int("--num-layers-per-virtual-pipeline-stage",
                   self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
         check_int("--world-size", self.world_size, 1, allow_none=True)
+        check_int("--ddp-bucket-size", self.ddp_bucket_size, 1, allow_none=True)
+        if self.ddp_bucket_size and not self.overlap_grad_reduce:
+            logger.warning("--ddp-bucket-size has no effect without --overlap-grad-reduce "
+                           "(megatron-core reduces the whole gradient buffer at once).")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather", True,
+                              "only with --use-distributed-optimizer",
+                              "the parameter all-gather exists only when the optimizer is "
+                              "sharded; add --use-distributed-optimizer or drop "
+                              "--overlap-param-gather")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel", True,
                               "only with --tensor-model-parallel-size > 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,8 @@ from mtp_megatron.config.model import MTP_POSITION_EMBEDDINGS, ModelConfig
 from mtp_megatron.config.mtp import MTPConfig
 from mtp_megatron.config.parallel import ParallelConfig
 from mtp_megatron.config.training import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = {
     "model": ModelConfig,
@@ -41,6 +44,7 @@ class RunConfig:
         self._check_mtp()
         self._check_parallel_split()
         self._check_precision()
+        self._check_recompute()
 
     def _check_mtp(self) -> None:
         mtp, model, par = self.mtp, self.model, self.parallel
@@ -121,6 +125,39 @@ class RunConfig:
                 "--fp8-format", train.fp8_format,
                 "only with --transformer-impl transformer_engine",
             )
+
+    def _check_recompute(self) -> None:
+        """Recompute against the layer split, and what megatron-core 0.16.1 does with the
+        MTP layers: recomputed under full/uniform only with one layer per group (it
+        asserts ``recompute_num_layers == 1`` at the first forward otherwise), never
+        under full/block (it warns and skips them); selective recomputes the core
+        attention of every layer, MTP layers included."""
+        train, model, par = self.training, self.model, self.parallel
+        if train.cross_entropy_fusion_impl == "te" and model.transformer_impl == "local":
+            raise ConfigError("--cross-entropy-fusion-impl", "te",
+                              "native with --transformer-impl local")
+        if train.recompute_granularity != "full":
+            return
+        per_chunk = model.num_layers // par.pipeline_model_parallel_size
+        if par.num_layers_per_virtual_pipeline_stage:
+            per_chunk = par.num_layers_per_virtual_pipeline_stage
+        if train.recompute_num_layers > per_chunk:
+            raise ConfigError(
+                "--recompute-num-layers", train.recompute_num_layers,
+                f"at most the {per_chunk} layers of a pipeline stage (or virtual stage)",
+            )
+        if self.mtp.enabled and train.recompute_method == "uniform" \
+                and train.recompute_num_layers != 1:
+            raise ConfigError(
+                "--recompute-num-layers", train.recompute_num_layers,
+                "1 with --recompute-method uniform and --mtp-num-layers",
+                "megatron-core 0.16.1 recomputes each MTP layer on its own and asserts it",
+            )
+        if self.mtp.enabled and train.recompute_method == "block":
+            logger.warning("--recompute-method block: megatron-core 0.16.1 does not recompute "
+                           "the MTP layers (only the decoder's first --recompute-num-layers "
+                           "per stage); use --recompute-method uniform "
+                           "--recompute-num-layers 1 to recompute them too.")
 
     @property
     def num_microbatches(self) -> int:

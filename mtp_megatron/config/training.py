@@ -17,6 +17,9 @@ from mtp_megatron.config.fields import (
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,30 @@ class TrainingConfig:
         False, "Average the loss over all tokens of the global batch, not per microbatch.",
         type=bool,
     )
+    recompute_granularity: Optional[str] = option(
+        None, "Activation recomputation: full (whole layers) or selective (core attention).",
+        type=str, choices=RECOMPUTE_GRANULARITIES,
+    )
+    recompute_method: Optional[str] = option(
+        None, "With --recompute-granularity full: uniform (every layer, in groups of "
+        "--recompute-num-layers) or block (the first --recompute-num-layers of each stage).",
+        type=str, choices=RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: Optional[int] = option(
+        None, "Layers per recomputed group (uniform) or recomputed layers per stage (block).",
+        type=int,
+    )
+    cross_entropy_loss_fusion: bool = option(
+        False, "Fused (vocab-parallel) cross entropy for the LM and MTP heads.", type=bool
+    )
+    cross_entropy_fusion_impl: str = option(
+        "native", "The fused cross entropy: native (megatron-core) or te (Transformer Engine).",
+        type=str, choices=CROSS_ENTROPY_FUSION_IMPLS,
+    )
 
     def __post_init__(self):
         check_types(self)
+        self._check_recompute()
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
             check_int(flag_of(name), getattr(self, name), 1)
         check_int("--lr-warmup-iters", self.lr_warmup_iters, 0, allow_none=True)
@@ -80,6 +104,25 @@ class TrainingConfig:
             )
         if self.bf16 and self.fp16:
             raise ConfigError("--fp16", True, "only one of --bf16 and --fp16")
+
+    def _check_recompute(self) -> None:
+        """megatron-core's TransformerConfig rules, said with our flag names."""
+        check_int("--recompute-num-layers", self.recompute_num_layers, 1, allow_none=True)
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        flag_of(name), getattr(self, name),
+                        "only with --recompute-granularity full",
+                        f"--recompute-granularity is {self.recompute_granularity}",
+                    )
+            return
+        if self.recompute_method is None:
+            raise ConfigError("--recompute-method", None, "uniform or block",
+                              "--recompute-granularity full needs it")
+        if self.recompute_num_layers is None:
+            raise ConfigError("--recompute-num-layers", None, "an integer >= 1",
+                              "--recompute-granularity full needs it")
 
     @property
     def decay_iters(self) -> int:

@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -70,6 +71,12 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         use_cpu_initialization=on_cpu,
         mtp_num_layers=mtp.mtp_num_layers,
         mtp_loss_scaling_factor=mtp.mtp_loss_scaling_factor,
+        recompute_granularity=train.recompute_granularity,
+        recompute_method=train.recompute_method,
+        recompute_num_layers=train.recompute_num_layers,
+        cross_entropy_loss_fusion=train.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=train.cross_entropy_fusion_impl,
+        attention_backend=AttnBackend[model.attention_backend],
         **_p2p_settings(cfg),
         **fp8,
     )
@@ -139,6 +146,21 @@ def _drop_unused_output_weight(model: GPTModel) -> None:
         model.output_layer.weight = None
 
 
+def ddp_config_for(cfg: RunConfig) -> DistributedDataParallelConfig:
+    """megatron-core DDP settings. NaN/Inf is found from the optimizer's grad norm
+    (``training/faults.py``), so DDP's per-bucket ``check_for_nan_in_grad`` (a host sync
+    per bucket) stays off."""
+    par = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        bucket_size=par.ddp_bucket_size,
+        check_for_nan_in_grad=False,
+    )
+
+
 def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
                 vocab_size: int, device: torch.device) -> List[DistributedDataParallel]:
     """All chunks of this rank, on ``device``, wrapped in megatron-core DDP."""
@@ -150,11 +172,7 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
                         vp_stage=i if cfg.virtual_pipeline_size else None)
         for i in range(stages)
     ]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
+    ddp_config = ddp_config_for(cfg)
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.to(device)

@@ -22,7 +22,7 @@ MTP depth. Not counted: CUDA context, NCCL buffers, allocator fragmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 from mtp_megatron.config import RunConfig
 from mtp_megatron.model.counting import Sizes, layer_matmul_params, sizes
@@ -146,12 +146,40 @@ def layer_activation_bytes_per_token(cfg: RunConfig, s: Sizes) -> float:
     seq_split = tp if par.sequence_parallel else 1
     sequence = act * 4 * s.h + (2 * s.h if model.hidden_dropout > 0 else 0)
     split = act * ((s.h + 2 * s.kv) + s.h + s.ffn * g + s.ffn)
-    if not fused_attention(cfg):
+    if not fused_attention(cfg) and cfg.training.recompute_granularity != "selective":
         probs = s.heads * s.seq
         split += act * probs
         if model.attention_dropout > 0:
             split += probs + act * probs  # mask + dropped probabilities
     return sequence / seq_split + split / tp
+
+
+def layer_input_bytes_per_token(cfg: RunConfig, s: Sizes) -> float:
+    """What a fully recomputed layer keeps: its input (split by TP with sequence parallel)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    seq_split = tp if cfg.parallel.sequence_parallel else 1
+    return activation_dtype_bytes(cfg) * s.h / seq_split
+
+
+def chunk_activation_bytes_per_token(cfg: RunConfig, s: Sizes, num_layers: int
+                                     ) -> Tuple[float, float]:
+    """``(kept, transient)`` bytes per token for a chunk of ``num_layers`` layers.
+
+    ``kept`` is held per in-flight micro-batch; ``transient`` once, while a recomputed
+    group is re-run in backward. ``--recompute-granularity full``: uniform keeps one
+    input per group of ``--recompute-num-layers`` and re-runs a group at a time; block
+    recomputes the first ``--recompute-num-layers`` layers (their inputs kept) and keeps
+    the others whole. Selective is in :func:`layer_activation_bytes_per_token`.
+    """
+    train = cfg.training
+    layer = layer_activation_bytes_per_token(cfg, s)
+    if train.recompute_granularity != "full" or num_layers == 0:
+        return num_layers * layer, 0.0
+    n = min(train.recompute_num_layers, num_layers)
+    inputs = layer_input_bytes_per_token(cfg, s)
+    if train.recompute_method == "uniform":
+        return -(-num_layers // n) * inputs, n * layer
+    return n * inputs + (num_layers - n) * layer, layer
 
 
 def head_activation_bytes_per_token(cfg: RunConfig, s: Sizes, depth: int) -> Dict[str, float]:
@@ -164,9 +192,15 @@ def head_activation_bytes_per_token(cfg: RunConfig, s: Sizes, depth: int) -> Dic
     lm_head = act * 2 * s.h / seq_split + logits  # final norm input, output-layer input
     # enorm + hnorm inputs, eh_proj input (2h), final norm + output-layer inputs
     mtp_glue = act * 6 * s.h / seq_split
+    mtp_layer = mtp_glue + layer_activation_bytes_per_token(cfg, s)
+    train = cfg.training
+    if depth and train.recompute_granularity == "full" and train.recompute_method == "uniform":
+        # megatron-core 0.16.1 checkpoints each MTP layer (eh_proj + layer): it keeps the
+        # two inputs (hidden states and embeddings) and re-runs one layer at a time
+        mtp_layer = 2 * layer_input_bytes_per_token(cfg, s)
     return {
         "lm_logits": lm_head,
-        "mtp_layers": depth * (mtp_glue + layer_activation_bytes_per_token(cfg, s)),
+        "mtp_layers": depth * mtp_layer,
         "mtp_logits": depth * logits,
     }
 

@@ -100,10 +100,17 @@ def _activations(cfg: RunConfig, layout: StageLayout, vocab: int) -> Dict[str, f
     s = sizes(cfg, vocab)
     par = cfg.parallel
     tokens = cfg.training.micro_batch_size * cfg.model.seq_length / par.context_parallel_size
-    parts = {"decoder": layout.num_layers * memory.layer_activation_bytes_per_token(cfg, s)}
+    kept, transient = memory.chunk_activation_bytes_per_token(
+        cfg, s, layout.num_layers // len(layout.layers))
+    parts = {"decoder": kept * len(layout.layers)}
     if layout.pp_rank == par.pipeline_model_parallel_size - 1:
         depth = cfg.mtp.mtp_num_layers if cfg.mtp.enabled else 0
         parts.update(memory.head_activation_bytes_per_token(cfg, s, depth))
+        if depth and cfg.training.recompute_granularity == "full" \
+                and cfg.training.recompute_method == "uniform":
+            transient = max(transient, memory.layer_activation_bytes_per_token(cfg, s))
+    if transient:
+        parts["recompute"] = transient  # one group re-run at a time, not per micro-batch
     return {name: per_token * tokens for name, per_token in parts.items()}
 
 

@@ -130,6 +130,16 @@ def memory_table(plan: Plan) -> List[str]:
     last = plan.stages[-1]
     parts = ", ".join(f"{name} {_bytes(v)}" for name, v in last.activations.items())
     lines.append(f"  last stage, one micro-batch: {parts}")
+    train = plan.cfg.training
+    if train.recompute_granularity:
+        how = train.recompute_granularity
+        if how == "full":
+            how += f" ({train.recompute_method}, {train.recompute_num_layers} layers)"
+        mtp = "MTP layers recomputed too" if plan.cfg.mtp.enabled and (
+            how.startswith("selective") or train.recompute_method == "uniform") else (
+            "MTP layers NOT recomputed (megatron-core 0.16.1, block)" if plan.cfg.mtp.enabled
+            else "")
+        lines.append(f"  activation recompute: {how}" + (f"; {mtp}" if mtp else ""))
     if plan.all_fit is False:
         worst = max(plan.stages, key=lambda s: s.total_bytes)
         lines.append(

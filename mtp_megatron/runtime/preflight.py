@@ -13,6 +13,8 @@ import importlib.util
 import os
 from typing import Tuple
 
+import torch
+
 from mtp_megatron.config import ConfigError, RunConfig
 from mtp_megatron.runtime.accel import check_fp8_runtime, resolve_transformer_impl
 from mtp_megatron.runtime.launch_env import LaunchEnv, read_launch_env
@@ -35,6 +37,12 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
         raise ConfigError(
             "--wandb-project", cfg.logging.wandb_project, "only with wandb installed",
             "pip install -e .[wandb]",
+        )
+    if cfg.checkpoint.async_save and not torch.cuda.is_available():
+        raise ConfigError(
+            "--async-save", True, "only on a GPU",
+            "megatron-core's async checkpoint writer needs CUDA; drop --async-save on CPU "
+            "(the synchronous save is used without it)",
         )
     _check_writable("--output-dir", cfg.logging.output_dir)
     if cfg.checkpoint.save:

@@ -1,10 +1,18 @@
-"""Leaving a run cleanly and refusing bad steps.
+"""Leaving a run cleanly and refusing bad steps, with one small collective per step.
 
 * :class:`ExitConditions`: ``--exit-signal-handler`` (finish the iteration, save, exit
-  0), ``--exit-duration-in-mins``, ``--exit-interval``. Every rank reaches the same
-  decision (one all-reduce), so they save together.
-* :func:`step_is_finite`: the lm loss (last stage) and every gradient buffer are checked
-  for NaN/Inf, agreed over all ranks, before the optimizer may touch the weights.
+  0), ``--exit-duration-in-mins``, ``--exit-interval``.
+* :func:`checked_optimizer_step`: megatron-core's ``optimizer.step()`` split at the one
+  point where the step can still be refused: after the gradient norm is known (mcore
+  computes it anyway, for clipping), before any weight changes. NaN/Inf is detected from
+  that norm (a NaN or Inf in any gradient makes the global norm non-finite) and from the
+  step's lm-loss sums, both already on hand: no scan of the gradient buffers.
+* Every rank reaches the same decisions through :func:`agree`: the non-finite flag and
+  the exit flags travel in one 4-element tensor, one all-reduce (MAX), one host copy.
+
+Host syncs per step (GPU): megatron-core's grad-norm ``.item()`` and the agreement's
+``.tolist()`` (fp16 adds mcore's ``found_inf`` check). Losses stay on the device until
+``--log-interval`` (``training/losses.py``).
 
 Test hook: ``MTP_MEGATRON_INJECT_NAN_AT=<iteration>`` poisons that iteration's gradients
 on rank 0, so the detection path runs end to end.
@@ -12,10 +20,12 @@ on rank 0, so the detection path runs end to end.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +33,20 @@ import torch.distributed as dist
 from mtp_megatron.config import CheckpointConfig
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
+
+# Columns of the per-step agreement tensor (all reduced with MAX).
+NONFINITE, SIGNAL, MINUTES, STOP = range(4)
+
+
+def _all_reduce_max(tensor: torch.Tensor) -> None:
+    """The one collective of this module (every rank, default group, in place)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
+def agree(local: torch.Tensor) -> List[float]:
+    """MAX of ``local`` (a small float tensor) over all ranks, as Python floats."""
+    _all_reduce_max(local)
+    return local.tolist()
 
 
 class ExitConditions:
@@ -38,8 +62,8 @@ class ExitConditions:
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = True
 
-    def check(self, iteration: int) -> Optional[str]:
-        """Why to stop after this iteration (the same answer on every rank), or None."""
+    def local(self, iteration: int) -> Tuple[List[float], List[str]]:
+        """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop."""
         reasons = []
         if self.signal_received:
             reasons.append(f"received {self.cfg.exit_signal}")
@@ -48,14 +72,22 @@ class ExitConditions:
             reasons.append(f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached")
         if self.cfg.exit_interval and iteration % self.cfg.exit_interval == 0:
             reasons.append(f"--exit-interval {self.cfg.exit_interval} reached")
-        flags = torch.tensor([float(bool(self.signal_received)), minutes,
-                              float(bool(reasons))], dtype=torch.float64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[2].item() == 0:
+        return [float(self.signal_received), minutes, float(bool(reasons))], reasons
+
+    @staticmethod
+    def decide(agreed_stop: float, reasons: List[str]) -> Optional[str]:
+        """The stop reason once the flags are agreed (the same answer on every rank)."""
+        if not agreed_stop:
             return None
         if not reasons:  # another rank decided (it got the signal first, or its clock ran)
-            reasons.append("another rank asked to stop")
+            reasons = ["another rank asked to stop"]
         return "; ".join(reasons)
+
+    def check(self, iteration: int, device: torch.device = torch.device("cpu")) -> Optional[str]:
+        """Why to stop after this iteration, agreed on its own (outside a training step)."""
+        flags, reasons = self.local(iteration)
+        agreed = agree(torch.tensor([0.0] + flags, dtype=torch.float64, device=device))
+        return self.decide(agreed[STOP], reasons)
 
 
 class NonFiniteStepError(RuntimeError):
@@ -70,21 +102,66 @@ class NonFiniteStepError(RuntimeError):
         )
 
 
-def step_is_finite(model_chunks: List[torch.nn.Module], lm_loss_reports, iteration: int,
-                   check_grads: bool = True) -> bool:
-    """True when the step's loss and (unless fp16 loss scaling handles overflow itself)
-    all gradients are finite on every rank."""
+@dataclass
+class StepOutcome:
+    updated: bool
+    grad_norm: Optional[float]
+    nonfinite: bool
+    stop_reason: Optional[str]
+
+
+def inject_nan_for_tests(model_chunks, iteration: int) -> None:
+    """``MTP_MEGATRON_INJECT_NAN_AT=<iteration>``: NaN gradients on rank 0 at that step."""
     if os.environ.get(INJECT_NAN_ENV) == str(iteration) and dist.get_rank() == 0:
         for chunk in model_chunks:
             for buffer in chunk.buffers:
                 buffer.grad_data.fill_(float("nan"))
-    ok = True
-    for report in lm_loss_reports or []:
-        ok &= bool(torch.isfinite(report["lm loss"]).all())
-    for chunk in model_chunks if check_grads else []:
-        for buffer in chunk.buffers:
-            ok &= bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
 
+
+def _chained(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _clip(optimizer, grad_norm: float) -> None:
+    """megatron-core's clipping by a total norm already computed (as ChainedOptimizer does)."""
+    from megatron.core.optimizer import clip_grads  # read at call time: the CPU bridge wraps it
+
+    for opt in _chained(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+
+
+def checked_optimizer_step(optimizer, *, iteration: int, loss_sums: Optional[torch.Tensor],
+                           exit_conditions: ExitConditions, skip_nan_steps: bool,
+                           device: torch.device) -> StepOutcome:
+    """``optimizer.step()`` that refuses a non-finite step before the weights change.
+
+    ``loss_sums``: this rank's ``[loss sum, tokens]`` of the step (last stage) or None.
+    Raises :class:`NonFiniteStepError` without ``skip_nan_steps``.
+    """
+    found_inf = optimizer.prepare_grads()  # fp16: the loss scaler's overflow check
+    grad_norm = None if found_inf else optimizer.get_grad_norm()
+    local = torch.zeros(4, dtype=torch.float64, device=device)
+    if loss_sums is not None:
+        local[NONFINITE] = (~torch.isfinite(loss_sums).all()).double()  # stays on device
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        local[NONFINITE] = 1.0
+    flags, reasons = exit_conditions.local(iteration)
+    local[SIGNAL:] = torch.tensor(flags, dtype=torch.float64).to(device)
+    agreed = agree(local)
+    stop = exit_conditions.decide(agreed[STOP], reasons)
+    if agreed[NONFINITE]:
+        if not skip_nan_steps:
+            raise NonFiniteStepError(iteration)
+        return StepOutcome(False, None, True, stop)
+    if found_inf:  # fp16 overflow: mcore's scaler already lowered the scale; skip quietly
+        return StepOutcome(False, None, False, stop)
+    _clip(optimizer, grad_norm)
+    updated = optimizer.step_with_ready_grads()
+    return StepOutcome(bool(updated), grad_norm, False, stop)

@@ -12,13 +12,15 @@ The objective is DeepSeek-V3's, as megatron-core computes it::
   gradient through ``MTPLossAutoScaler`` with weight ``factor / D``. The schedule sets
   the autoscaler's scale to ``1 / num_microbatches``, the same as the lm loss, so both
   terms are averaged over microbatches identically.
-* For logging, :func:`collect_mtp_losses` reads megatron-core's per-depth tracker
-  (summed over microbatches, averaged over data-parallel ranks) and divides by the
-  number of microbatches.
+* For logging, :class:`LossWindow` keeps each step's lm-loss sums on the device and
+  lets megatron-core's per-depth tracker sum over microbatches and steps; at
+  ``--log-interval`` it reduces both over data-parallel ranks (one host copy each) and
+  :func:`collect_mtp_losses` divides by microbatches x steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -49,26 +51,76 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def reduce_lm_loss(reports: List[Dict[str, torch.Tensor]]) -> Optional[float]:
-    """Token-weighted lm loss of a step over microbatches and data-parallel ranks.
+def step_loss_sums(reports: List[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """This rank's ``[loss sum, tokens]`` of one step, on the device (no host sync).
 
-    Only meaningful on the last pipeline stage (where ``reports`` is non-empty).
+    ``reports`` are what :func:`loss_func` returned per microbatch (empty off the last
+    pipeline stage: then None).
     """
     if not reports:
         return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    return torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+
+
+def _all_reduce_sum_dp(tensor: torch.Tensor) -> None:
+    """Sum over the data-parallel group, in place (the lm loss's only collective)."""
+    torch.distributed.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+
+
+@dataclass
+class WindowLosses:
+    """What :meth:`LossWindow.flush` returns: per-step lm losses (last stage, else None)
+    and the per-depth MTP losses averaged over the window (ranks with MTP layers)."""
+
+    steps: int
+    lm: Optional[List[float]]
+    mtp: Optional[List[float]]
+
+
+class LossWindow:
+    """Losses of the steps since the last log, kept on the device, as Megatron-LM does.
+
+    Per step: :meth:`add` appends the step's ``[loss sum, tokens]`` (no sync), and
+    megatron-core's MTP tracker keeps summing the per-depth losses over microbatches
+    *and steps* (we reset it only at a flush). At ``--log-interval``, :meth:`flush` does
+    one data-parallel all-reduce for the lm loss, the tracker's own reduction for MTP,
+    and one host copy each. Every rank must call :meth:`flush` at the same iterations.
+
+        window = LossWindow(num_microbatches=4)
+        window.add(step_loss_sums(reports))      # every step
+        losses = window.flush()                  # every --log-interval steps
+    """
+
+    def __init__(self, num_microbatches: int):
+        self.num_microbatches = num_microbatches
+        self.lm_sums: List[torch.Tensor] = []
+        self.steps = 0
+
+    def add(self, loss_sums: Optional[torch.Tensor]) -> None:
+        self.steps += 1
+        if loss_sums is not None:
+            self.lm_sums.append(loss_sums)
+
+    def flush(self) -> WindowLosses:
+        lm = None
+        if self.lm_sums:
+            total = torch.stack(self.lm_sums)  # [steps, 2]
+            _all_reduce_sum_dp(total)
+            lm = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
+        out = WindowLosses(self.steps, lm, collect_mtp_losses(self.num_microbatches * self.steps))
+        self.lm_sums, self.steps = [], 0
+        return out
 
 
 def collect_mtp_losses(num_microbatches: int) -> Optional[List[float]]:
-    """Per-depth MTP losses of the last step (mean over microbatches and DP), then reset.
+    """Per-depth MTP losses summed in the tracker since the last call, divided by
+    ``num_microbatches`` (microbatches per step x steps), mean over DP; then reset.
 
-    Call on every rank after each training step: ranks without MTP layers return None,
+    Call on every rank at the same iterations: ranks without MTP layers return None,
     ranks with them all-reduce over their data-parallel group.
     """
     tracker = MTPLossLoggingHelper.tracker
-    if "values" not in tracker:
+    if "values" not in tracker or not num_microbatches:
         return None
     MTPLossLoggingHelper.reduce_loss_in_tracker()
     values = (tracker["values"] / num_microbatches).tolist()

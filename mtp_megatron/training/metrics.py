@@ -2,12 +2,18 @@
 
     iteration 20/200 | elapsed 0:00:09 | ETA 0:01:21 | lm loss 3.512345E+00 |
     mtp_1 loss 4.012345E+00 | lr 1.000000E-03 | grad norm 1.2340 | tokens/s 23456 |
-    ms/iter 87.3 | TFLOP/s 0.0120
+    ms/iter 87.3 | TFLOP/s/GPU 0.0120 | MFU 0.41 |
+    time ms/iter: data 0.4, forward-backward 80.1, optimizer 6.2, eval 0.0, checkpoint 0.0
 
 ``elapsed`` is the wall time since the logger was made (training start); ``ETA`` is the
 remaining iterations times the wall time per iteration since the previous log line, so
-evaluation and checkpoint saves are included. The rows (plus ``tokens``, the tokens
-consumed so far) go to :class:`~mtp_megatron.training.writers.MetricsWriter`:
+evaluation and checkpoint saves are included. Steps are recorded with host values only
+(lr, grad norm, seconds); the losses arrive once per window, already reduced
+(:class:`~mtp_megatron.training.losses.WindowLosses`). TFLOP/s is per GPU (per rank), as
+Megatron-LM logs it and as ``--dry-run`` plans MFU: ``tokens/s x FLOPs per token (MTP
+counted) / world size``; MFU divides it by the GPU's peak (``--peak-tflops``, or
+:data:`PEAK_BF16_TFLOPS` by device name). The rows (plus ``tokens``, the tokens consumed so
+far, and the peak memory) go to :class:`~mtp_megatron.training.writers.MetricsWriter`:
 metrics.jsonl, tensorboard, wandb.
 """
 
@@ -18,11 +24,32 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s per GPU, NVIDIA datasheets), matched by substring
+# of torch.cuda.get_device_name(); the first match wins, so longer names come first.
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0),
+)
+
+
+def peak_tflops_for(device_name: Optional[str]) -> Optional[float]:
+    """The table's peak for a device name, or None (CPU, unknown GPU)."""
+    for key, peak in PEAK_BF16_TFLOPS:
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def tflops_per_gpu(tokens_per_s: float, flops_per_token: float, world_size: int) -> float:
+    """Model TFLOP/s achieved by each rank: the job's rate divided by the ranks."""
+    return tokens_per_s * flops_per_token / world_size / 1e12
 
 
 @dataclass
@@ -34,6 +61,7 @@ class StepMetrics:
     grad_norm: Optional[float]
     seconds: float
     skipped: bool = False
+    stop_reason: Optional[str] = None
 
 
 @dataclass
@@ -51,11 +79,14 @@ class MetricsLogger:
 
     def __init__(self, *, log_interval: int, train_iters: int, tokens_per_step: int,
                  flops_per_token: float, is_logging_rank: bool,
-                 writer: Optional[MetricsWriter] = None, clock=time.perf_counter):
+                 writer: Optional[MetricsWriter] = None, world_size: int = 1,
+                 peak_tflops: Optional[float] = None, clock=time.perf_counter):
         self.log_interval = log_interval
         self.train_iters = train_iters
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
         self.enabled = is_logging_rank
         self.window = _Window()
         self.writer = writer or MetricsWriter()
@@ -63,17 +94,35 @@ class MetricsLogger:
         self.started = self._last_log_time = clock()
         self._last_log_iteration: Optional[int] = None  # set by the first step (resume)
 
-    def record(self, step: StepMetrics) -> Optional[str]:
-        """Add a step; on the interval (and the last step) print and return a log line."""
+    def due(self, iteration: int) -> bool:
+        """Whether this iteration ends a log window (every rank gets the same answer)."""
+        return iteration % self.log_interval == 0 or iteration == self.train_iters
+
+    def record(self, step: StepMetrics) -> None:
+        """Add a step (host values only; its losses come with :meth:`log`)."""
         if not self.enabled:
-            return None
+            return
         if self._last_log_iteration is None:
             self._last_log_iteration = step.iteration - 1
         self.window.steps.append(step)
-        last = step.iteration == self.train_iters
-        if step.iteration % self.log_interval and not last:
+
+    def log(self, losses=None, timings: Optional[Dict[str, float]] = None) -> Optional[str]:
+        """Close the window: fill in its reduced losses, print and return the log line.
+
+        ``losses``: a ``WindowLosses`` (per-step lm losses, window-mean MTP losses);
+        ``timings``: milliseconds per iteration by phase.
+        """
+        if not self.enabled or not self.window.steps:
+            self.window = _Window()
             return None
-        line, row = self._summarise()
+        steps = self.window.steps
+        if losses is not None and losses.lm is not None:
+            for step, value in zip(steps[-len(losses.lm):], losses.lm):
+                step.lm_loss = value
+        if losses is not None and losses.mtp is not None:
+            for step in steps:
+                step.mtp_losses = list(losses.mtp)
+        line, row = self._summarise(timings or {})
         self.window = _Window()
         logger.info(line)
         self.writer.write(row)
@@ -87,7 +136,7 @@ class MetricsLogger:
         eta = per_iter * max(0, self.train_iters - iteration)
         return f"elapsed {_hms(now - self.started)} | ETA {_hms(eta)}"
 
-    def _summarise(self):
+    def _summarise(self, timings: Dict[str, float]):
         steps = self.window.steps
         it = steps[-1].iteration
         seconds = sum(s.seconds for s in steps) / len(steps)
@@ -102,13 +151,17 @@ class MetricsLogger:
             "grad norm": _mean(s.grad_norm for s in steps),
             "tokens/s": tokens_per_s,
             "ms/iter": seconds * 1000.0,
+            "TFLOP/s/GPU": tflops_per_gpu(tokens_per_s, self.flops_per_token, self.world_size),
+            # the whole job's rate: kept in metrics.jsonl (experiments/ read it), not printed
             "TFLOP/s": tokens_per_s * self.flops_per_token / 1e12,
-            "skipped": sum(s.skipped for s in steps),
-            **peak_memory(),
         })
+        if self.peak_tflops:
+            row["MFU"] = row["TFLOP/s/GPU"] / self.peak_tflops
+        row["skipped"] = sum(s.skipped for s in steps)
+        row.update(peak_memory())
         parts = [f"iteration {it}/{self.train_iters}", self._progress(it)]
         for key, value in row.items():
-            if key in ("iteration", "tokens", "skipped") or key.startswith("max ") \
+            if key in ("iteration", "tokens", "skipped", "TFLOP/s") or key.startswith("max ") \
                     or value is None:
                 continue
             if key.endswith("loss") or key == "lr":
@@ -123,6 +176,9 @@ class MetricsLogger:
                 parts.append(f"{key} {value:.4f}")
         if row["skipped"]:
             parts.append(f"skipped {row['skipped']}")
+        if timings:
+            parts.append("time ms/iter: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+            row.update({f"time {k} ms": v for k, v in timings.items()})
         return " | ".join(parts), row
 
     def close(self) -> None:

@@ -7,6 +7,10 @@
     trainer = Trainer(cfg, launch, transformer_impl)  # process groups, model, optimizer, data
     trainer.train()             # --train-iters steps, logging every --log-interval
     trainer.close()
+
+The hot loop keeps losses on the device and makes one small collective per step (the
+NaN/exit agreement, ``training/faults.py``); losses are reduced at ``--log-interval``
+(``training/losses.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, s
 from mtp_megatron.checkpoint.lock import acquire_on_rank0
 from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
-from mtp_megatron.data.iterator import GlobalBatchSampler
+from mtp_megatron.data.loader import build_step_loader
 from mtp_megatron.model.builder import (
     build_model,
     params_dtype,
@@ -36,11 +40,16 @@ from mtp_megatron.model.builder import (
 from mtp_megatron.model.counting import flops_per_token
 from mtp_megatron.runtime import distributed
 from mtp_megatron.training.evaluate import Evaluator
-from mtp_megatron.training.faults import ExitConditions, NonFiniteStepError, step_is_finite
-from mtp_megatron.training.losses import collect_mtp_losses, forward_step, reduce_lm_loss
-from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
+from mtp_megatron.training.faults import (
+    ExitConditions,
+    checked_optimizer_step,
+    inject_nan_for_tests,
+)
+from mtp_megatron.training.losses import LossWindow, forward_step, step_loss_sums
+from mtp_megatron.training.metrics import MetricsLogger, StepMetrics, peak_tflops_for
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 from mtp_megatron.training.progress import phase
+from mtp_megatron.training.timers import StepTimers
 from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
@@ -77,8 +86,15 @@ class Trainer:
         self.exit = ExitConditions(cfg.checkpoint)
         self.writer = MetricsWriter.for_run(cfg.logging, enabled=distributed.is_last_rank(),
                                             config=to_dict(cfg))
+        self.async_saver = None
+        if cfg.checkpoint.async_save:
+            from mtp_megatron.checkpoint.async_save import AsyncSaver
+
+            self.async_saver = AsyncSaver()
         self.sampler = self._build_sampler()
         self.evaluator = self._build_evaluator()
+        self.losses = LossWindow(num_microbatches=self.sampler.num_microbatches)
+        self.timers = StepTimers(cfg.logging.timing_log_level)
         self.metrics = MetricsLogger(
             log_interval=cfg.logging.log_interval,
             train_iters=cfg.training.train_iters,
@@ -86,28 +102,44 @@ class Trainer:
             flops_per_token=flops_per_token(cfg, self.vocab_size)["total"],
             is_logging_rank=distributed.is_last_rank(),
             writer=self.writer,
+            world_size=torch.distributed.get_world_size(),
+            peak_tflops=cfg.logging.peak_tflops or self._table_peak(),
         )
         if torch.distributed.get_rank() == 0:
             save_config(cfg, os.path.join(cfg.logging.output_dir, "config.yaml"))
 
+    def _table_peak(self):
+        if self.device.type != "cuda":
+            return None
+        return peak_tflops_for(torch.cuda.get_device_name(self.device))
+
     def _wire_model_config(self) -> None:
-        """The hooks megatron-core's schedules call: grad sync, finalize, loss scaling."""
-        chunks = self.model
-        self.tconfig.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 \
-            else chunks[0].no_sync
+        """The hooks megatron-core's schedules call: grad sync, finalize, loss scaling,
+        and (as Megatron-LM wires them) the overlapped grad-reduce / param-gather."""
+        chunks, par = self.model, self.cfg.parallel
+
+        def one_or_list(funcs):
+            return funcs if len(funcs) > 1 else funcs[0]
+
+        self.tconfig.no_sync_func = one_or_list([c.no_sync for c in chunks])
+        if par.overlap_grad_reduce:
+            self.tconfig.grad_sync_func = one_or_list([c.start_grad_sync for c in chunks])
+        if par.overlap_param_gather:
+            self.tconfig.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         if self.cfg.training.fp16:
             self.tconfig.grad_scale_func = self.optimizer.scale_loss
 
-    def _build_sampler(self) -> GlobalBatchSampler:
+    def _build_sampler(self):
+        """This rank's step loader: the sampler itself, or its --num-workers DataLoader."""
         train = self.cfg.training
         log_last_rank(f"data: {self.data_plan.description}")
         with phase("building datasets", log=log_last_rank):
             self.datasets = build_datasets(
                 self.data_plan, data=self.cfg.data, model=self.cfg.model, training=train
             )
-        return GlobalBatchSampler(
-            self.datasets.train,
+        return build_step_loader(
+            self.datasets.train, num_workers=self.cfg.data.num_workers,
             micro_batch_size=train.micro_batch_size,
             global_batch_size=train.global_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
@@ -131,7 +163,24 @@ class Trainer:
         """Validation metrics (on last-stage ranks); every rank must call it."""
         if self.evaluator is None:
             return None
-        return self.evaluator.run(self.iteration, self.cfg.data.eval_iters)
+        with self.timers("eval"), self._params_gathered():
+            return self.evaluator.run(self.iteration, self.cfg.data.eval_iters)
+
+    @contextlib.contextmanager
+    def _params_gathered(self):
+        """With --overlap-param-gather the weights are gathered lazily, by the next
+        training forward's pre-hooks: finish the gather (and pause the hooks) around
+        evaluation and saving, as Megatron-LM does."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
     @property
     def iteration(self) -> int:
@@ -152,47 +201,72 @@ class Trainer:
     def save(self) -> None:
         if self.cfg.checkpoint.save:
             self.state.consumed_samples = self.sampler.consumed_samples
-            save_checkpoint(self.state, self.cfg.checkpoint.save)
+            with self.timers("checkpoint"), self._params_gathered():
+                if self.async_saver is not None:
+                    self.async_saver.save(self.state, self.cfg.checkpoint.save)
+                else:
+                    save_checkpoint(self.state, self.cfg.checkpoint.save)
 
-    def train_step(self) -> StepMetrics:
-        """One optimizer step over the global batch; returns what the log needs."""
+    def run_step(self) -> StepMetrics:
+        """One optimizer step over the global batch, its losses left on the device (in
+        ``self.losses``): the hot loop's step. Host syncs: megatron-core's grad norm and
+        the one NaN/exit agreement."""
         start = time.perf_counter()
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        microbatches = self.sampler.next_step()
-        data = [iter(microbatches) for _ in self.model]
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data if len(data) > 1 else data[0],
-            model=self.model,
-            num_microbatches=len(microbatches),
-            seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.training.micro_batch_size,
-            forward_only=False,
-        )
+        with self.timers("data"):
+            microbatches = self.sampler.next_step()
+        with self.timers("forward-backward"):
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            data = [iter(microbatches) for _ in self.model]
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data if len(data) > 1 else data[0],
+                model=self.model,
+                num_microbatches=len(microbatches),
+                seq_length=self.cfg.model.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size,
+                forward_only=False,
+            )
         iteration = self.iteration + 1
-        if step_is_finite(self.model, reports, iteration, check_grads=not self.cfg.training.fp16):
-            updated, grad_norm, _ = self.optimizer.step()
-        elif self.cfg.training.skip_nan_steps:
-            logger.warning("iteration %d: NaN/Inf in the loss or gradients, update skipped "
-                           "(--skip-nan-steps)", iteration)
-            updated, grad_norm = False, None
-        else:
-            raise NonFiniteStepError(iteration)
-        if updated:
-            self.scheduler.step(increment=1)
+        loss_sums = step_loss_sums(reports)
+        self.losses.add(loss_sums)
+        with self.timers("optimizer"):
+            inject_nan_for_tests(self.model, iteration)
+            outcome = checked_optimizer_step(
+                self.optimizer, iteration=iteration, loss_sums=loss_sums,
+                exit_conditions=self.exit, skip_nan_steps=self.cfg.training.skip_nan_steps,
+                device=self.device,
+            )
+            if outcome.nonfinite:
+                logger.warning("iteration %d: NaN/Inf in the loss or gradients, update skipped "
+                               "(--skip-nan-steps)", iteration)
+            if outcome.updated:
+                self.scheduler.step(increment=1)
         self.state.iteration = iteration
         self.state.consumed_samples = self.sampler.consumed_samples
         return StepMetrics(
-            iteration=self.iteration,
-            lm_loss=reduce_lm_loss(reports) if parallel_state.is_pipeline_last_stage() else None,
-            mtp_losses=collect_mtp_losses(len(microbatches)),
-            lr=self.optimizer.param_groups[0]["lr"],
-            grad_norm=grad_norm,
-            seconds=time.perf_counter() - start,
-            skipped=not updated,
+            iteration=self.iteration, lm_loss=None, mtp_losses=None,
+            lr=self.optimizer.param_groups[0]["lr"], grad_norm=outcome.grad_norm,
+            seconds=time.perf_counter() - start, skipped=not outcome.updated,
+            stop_reason=outcome.stop_reason,
         )
+
+    def train_step(self) -> StepMetrics:
+        """One step with its losses reduced right away (tests, tools; one host sync more
+        than the loop's :meth:`run_step`). Every rank must call it."""
+        step = self.run_step()
+        window = self.losses.flush()
+        step.lm_loss = window.lm[-1] if window.lm else None
+        step.mtp_losses = window.mtp
+        return step
+
+    def _log_window(self) -> None:
+        """Reduce the window's losses (every rank) and print the log line (last rank)."""
+        losses = self.losses.flush()
+        self.metrics.log(losses, self.timers.per_iteration(losses.steps))
+        if self.async_saver is not None:
+            self.async_saver.poll()
 
     def train(self) -> List[StepMetrics]:
         for chunk in self.model:
@@ -206,27 +280,34 @@ class Trainer:
             # the first step builds buffers and warms kernels up: show that it progresses
             with phase(f"first iteration ({self.iteration + 1})", log=log_last_rank) \
                     if first else contextlib.nullcontext():
-                step = self.train_step()
+                step = self.run_step()
             first = False
             self.metrics.record(step)
             history.append(step)
+            if self.metrics.due(self.iteration) or step.stop_reason:
+                self._log_window()
             if eval_interval and self.iteration % eval_interval == 0:
                 self.evaluate()
                 evaluated_at = self.iteration
             if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-            reason = self.exit.check(self.iteration)
-            if reason:
-                log_last_rank(f"stopping after iteration {self.iteration}: {reason}")
+            if step.stop_reason:
+                log_last_rank(f"stopping after iteration {self.iteration}: {step.stop_reason}")
                 break
         if self.iteration >= self.cfg.training.train_iters and evaluated_at != self.iteration:
             self.evaluate()  # the final evaluation
         if ckpt.save and saved_at != self.iteration:
             self.save()
+        if self.async_saver is not None:
+            self.async_saver.poll(blocking=True)  # every save committed before we return
         return history
 
     def close(self) -> None:
+        if self.async_saver is not None:
+            self.async_saver.close()
+        if hasattr(self.sampler, "close"):
+            self.sampler.close()
         self.metrics.close()
         if self.save_lock is not None:
             self.save_lock.release()

@@ -44,7 +44,7 @@ def test_layout_trains_and_logs_every_mtp_depth(name, tmp_path):
         assert key in last and f"{key} " in run.stdout
         assert last[key] < first[key], (key, first[key], last[key])
     assert f"mtp_{depth + 1} loss" not in last
-    for key in ("lr", "grad norm", "tokens/s", "ms/iter", "TFLOP/s"):
+    for key in ("lr", "grad norm", "tokens/s", "ms/iter", "TFLOP/s/GPU"):
         assert f"| {key} " in run.stdout
 
 

@@ -114,14 +114,16 @@ def global_batch(trainer: Trainer, step: int) -> List[Dict[str, torch.Tensor]]:
 
 def before_optimizer_step(trainer: Trainer, callback: Callable[[int], None]) -> None:
     """Call ``callback(iteration)`` with the finalized gradients in ``main_grad``, just
-    before each optimizer step (clipping later scales them in place)."""
-    step = trainer.optimizer.step
+    before each optimizer step (clipping later scales them in place). Hooks
+    ``prepare_grads``, the first thing megatron-core's ``step()`` and our
+    ``checked_optimizer_step`` call."""
+    prepare = trainer.optimizer.prepare_grads
 
     def wrapped():
         callback(trainer.iteration + 1)
-        return step()
+        return prepare()
 
-    trainer.optimizer.step = wrapped
+    trainer.optimizer.prepare_grads = wrapped
 
 
 def perturb(full: Dict[str, torch.Tensor], seed: int) -> Dict[str, torch.Tensor]:
