@@ -232,7 +232,8 @@ def test_trainer_metrics_record_peak_memory(tmp_path):
     writer = MetricsWriter([JsonlSink(str(tmp_path / "metrics.jsonl"))])
     log = MetricsLogger(log_interval=1, train_iters=1, tokens_per_step=10, flops_per_token=1.0,
                         is_logging_rank=True, writer=writer)
-    line = log.record(StepMetrics(1, 2.0, [2.5], 1e-3, 1.0, 0.1))
+    log.record(StepMetrics(1, 2.0, [2.5], 1e-3, 1.0, 0.1))
+    line = log.log()
     log.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["max RSS MiB"] > 10 and "max RSS" not in line

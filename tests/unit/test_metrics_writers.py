@@ -38,6 +38,12 @@ def _step(it, seconds=0.5):
                        seconds=seconds)
 
 
+def _record(log, step):
+    """What the trainer does: record every step, close the window when it is due."""
+    log.record(step)
+    return log.log() if log.due(step.iteration) else None
+
+
 def test_log_line_has_elapsed_and_an_eta_from_the_recent_pace():
     clock, sink = FakeClock(), Recorder()
     log = MetricsLogger(log_interval=10, train_iters=100, tokens_per_step=256,
@@ -45,11 +51,11 @@ def test_log_line_has_elapsed_and_an_eta_from_the_recent_pace():
                         writer=MetricsWriter([sink]), clock=clock)
     for it in range(1, 11):
         clock.now += 3.0 if it == 1 else 1.0  # a slow first step
-        line = log.record(_step(it))
+        line = _record(log, _step(it))
     assert line.startswith("iteration 10/100 | elapsed 0:00:12 | ETA 0:01:48 | lm loss")
     for it in range(11, 21):
         clock.now += 0.5
-        line = log.record(_step(it))
+        line = _record(log, _step(it))
     assert "elapsed 0:00:17 | ETA 0:00:40 |" in line  # 80 left at the last 10's 0.5 s
     assert [row["tokens"] for _, row in sink.rows] == [2560, 5120]
     log.close()
@@ -62,7 +68,7 @@ def test_eta_after_a_resume_counts_from_the_resumed_iteration():
                         flops_per_token=1.0, is_logging_rank=True, clock=clock)
     for it in range(51, 56):
         clock.now += 2.0
-        line = log.record(_step(it))
+        line = _record(log, _step(it))
     assert "elapsed 0:00:10 | ETA 0:01:30" in line  # 45 left x 2 s
 
 

@@ -153,6 +153,7 @@ def test_cuda_device_max_connections_set_only_where_megatron_core_needs_it():
 
 # --- the step loader: same samples, same order, resumable ----------------------------
 
+@pytest.mark.multirank  # DataLoader worker processes
 def test_prefetching_loader_matches_the_sampler_step_for_step():
     from mtp_megatron.data.iterator import GlobalBatchSampler
     from mtp_megatron.data.loader import build_step_loader
@@ -182,8 +183,11 @@ def test_tflops_per_gpu_and_mfu_arithmetic(tmp_path):
     assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops_for(None) is None and peak_tflops_for("cpu") is None
+    from mtp_megatron.training.writers import JsonlSink, MetricsWriter
+
+    writer = MetricsWriter([JsonlSink(str(tmp_path / "metrics.jsonl"))])
     log = MetricsLogger(log_interval=2, train_iters=10, tokens_per_step=1000,
-                        flops_per_token=2e9, is_logging_rank=True, output_dir=str(tmp_path),
+                        flops_per_token=2e9, is_logging_rank=True, writer=writer,
                         world_size=4, peak_tflops=1.0)
     for it in (1, 2):
         log.record(StepMetrics(iteration=it, lm_loss=None, mtp_losses=None, lr=1e-3,
