@@ -2,12 +2,43 @@
 
 What a checkpoint holds (``torch_dist`` format): the model (resharded on load: any
 TP/PP/DP layout loads into any other), the optimizer, the LR scheduler, RNG states
-(python, numpy, torch, the model-parallel tracker), the iteration, consumed samples
-and the resolved config.
+(python, numpy, torch, the model-parallel tracker), the iteration, consumed samples,
+the model's vocabulary sizes and the resolved config.
 
     save_checkpoint(state, cfg.checkpoint.save)
     iteration, consumed = load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)
     load_model_weights("runs/x/checkpoints", model_chunks)   # inference: weights only
+
+Optimizer state formats. The plain (and --bf16/--fp16) optimizer stores one tensor per
+parameter state under the parameter's own key, so it reshards like the model. The
+distributed optimizer (--use-distributed-optimizer) has several formats in megatron-core
+0.16 (``DistributedOptimizer.sharded_state_dict``); we save ``fully_reshardable`` with
+``distrib_optim_fully_reshardable_mem_efficient`` (Megatron-LM's
+``--dist-ckpt-optim-fully-reshardable``):
+
+* ``fully_reshardable``: at save, each DP group gathers its optimizer shards (over gloo,
+  on CPU) to DP rank 0, which writes them per *model parameter* like the plain optimizer.
+  A checkpoint therefore loads into any TP/PP/DP layout, which is what this package
+  promises for the model. Its cost is one gather per save and, on DP rank 0, host memory
+  for the fp32 optimizer state of one model-parallel shard (12 bytes per parameter: about
+  4 GB for a 350M model), which is fine at the sizes this package targets.
+* ``dp_reshardable`` (Megatron-LM's default) writes every rank's flat buffer shard with no
+  communication, but the layout is that of the DDP buckets: it reshards over DP only,
+  not TP/PP. Checkpoints in that format (e.g. from Megatron-LM) still load when TP and PP
+  are unchanged; otherwise the load stops and says to use --no-load-optim.
+* ``fully_sharded_model_space`` is deprecated in megatron-core 0.16.
+
+The format a checkpoint was written in is stored in its content metadata
+(``dist_checkpointing.save(..., content_metadata=...)``) and read back on load, as
+Megatron-LM does, so loading never guesses.
+
+Resuming with changed settings: :func:`check_compatible` compares the checkpoint's
+run_config.yaml (and the vocabulary sizes in its common state) with this run, and names
+the field. Shapes must match. The optimizer's state format (precision, distributed
+optimizer) may change only when the optimizer is not loaded: ``--no-load-optim`` keeps the
+iteration and LR schedule, ``--finetune`` restarts at iteration 0; in both cases the
+weights are loaded (cast to this run's precision) and the fp32 main weights of a
+--bf16/--fp16 optimizer are rebuilt from them.
 """
 
 from __future__ import annotations
@@ -27,6 +58,7 @@ import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_megatron.checkpoint.layout import (
@@ -53,9 +85,18 @@ LOAD_ERRORS = (Exception, CheckpointException)
 SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "swiglu", "disable_bias_linear", "normalization",
-              "untie_embeddings_and_output_weights", "position_embedding_type"),
+              "untie_embeddings_and_output_weights", "position_embedding_type",
+              "make_vocab_size_divisible_by"),
     "mtp": ("mtp_num_layers",),
 }
+# Settings that decide the optimizer's state format: they may change on resume only
+# when the optimizer state is not loaded (--no-load-optim or --finetune).
+FORMAT_KEYS = {"training": ("bf16", "fp16"), "parallel": ("use_distributed_optimizer",)}
+# The distributed optimizer's checkpoint format (see the module docstring).
+DISTRIB_OPTIM_FORMAT = "fully_reshardable"
+# Content metadata keys that describe how the sharded state dicts were built.
+CONTENT_KEYS = ("singleton_local_shards", "chained_optim_avoid_prefix",
+                "distrib_optim_sharding_type", "distrib_optim_fully_reshardable_mem_efficient")
 
 
 @dataclass
@@ -68,17 +109,24 @@ class TrainState:
     cfg: RunConfig
     iteration: int = 0
     consumed_samples: int = 0
+    # The vocabulary before padding (--vocab-size or the tokenizer's); saved so a resume
+    # with another vocabulary is refused instead of loading silently.
+    vocab_size: Optional[int] = None
 
 
-def _metadata(use_distributed_optimizer: bool) -> Dict[str, Any]:
-    """``sharded_state_dict`` metadata as Megatron-LM passes it for megatron-core 0.16."""
-    md = {
-        "singleton_local_shards": False,
-        "chained_optim_avoid_prefix": True,
-        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-    }
+def _content_metadata(use_distributed_optimizer: bool) -> Dict[str, Any]:
+    """How this run builds its sharded state dicts (saved in the checkpoint)."""
+    content = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if use_distributed_optimizer:
-        md["distrib_optim_sharding_type"] = "dp_reshardable"
+        content["distrib_optim_sharding_type"] = DISTRIB_OPTIM_FORMAT
+        content["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return content
+
+
+def _metadata(content: Dict[str, Any]) -> Dict[str, Any]:
+    """``sharded_state_dict`` metadata as Megatron-LM passes it for megatron-core 0.16."""
+    md = {key: content[key] for key in CONTENT_KEYS if key in content}
+    md["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return md
 
 
@@ -94,7 +142,85 @@ def _model_state(model: List[torch.nn.Module], metadata) -> Dict[str, Any]:
 
 
 def _unwrap(chunk):
+    """The module whose state dict is the model's: inside DDP (Float16Module passes through)."""
     return getattr(chunk, "module", chunk)
+
+
+def _gpt(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _distributed_optimizers(optimizer) -> List[DistributedOptimizer]:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
+
+
+def _prepare_distributed_optimizer_for_load(optimizer) -> None:
+    """Give a fresh distributed optimizer the state megatron-core expects before a load.
+
+    megatron-core 0.16.1 without Apex or Transformer Engine (CPU, or a GPU without them)
+    runs torch's Adam, and ``DistributedOptimizer.sharded_state_dict(is_loading=True)``
+    first calls ``state_dict()``, which reads each parameter's Adam ``step`` and asserts
+    there is exactly one value (``assert len(steps) == 1``): on an optimizer that has not
+    stepped yet there are none. Allocate the state (zeros; the load overwrites it).
+    """
+    if HAVE_APEX_OR_TE:
+        return
+    for sub in _distributed_optimizers(optimizer):
+        inner = sub.optimizer
+        if len(inner.state) == 0:
+            sub.init_state_fn(inner, sub.config)
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param]["step"] = torch.tensor(0.0)
+
+
+def _load_optimizer(optimizer, state_dict) -> None:
+    """``optimizer.load_state_dict``, with megatron-core 0.16.1's torch-Adam path fixed.
+
+    Without Apex or Transformer Engine (CPU, or a GPU without them) the distributed
+    optimizer wraps torch's Adam, which keeps a ``step`` tensor per parameter, and
+    megatron-core's ``DistributedOptimizer.load_state_dict`` then (1) fails loading a
+    ``fully_reshardable`` state (``KeyError: 'step'``: it copies every state key but the
+    format does not store ``step``) and (2) gives every parameter one shared ``step``
+    tensor, which torch's Adam increments in place once per parameter per step, so a
+    resumed run's bias correction would drift. Here: load the non-tensor state (this sets
+    ``step``), set the step tensors aside while the parameter state is copied in with
+    megatron-core's own loader for the format, then give each parameter its own copy.
+    """
+    if HAVE_APEX_OR_TE or not _distributed_optimizers(optimizer):
+        optimizer.load_state_dict(state_dict)
+        return
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state_dict] if len(subs) == 1 else list(state_dict)
+    for sub, part in zip(subs, parts):
+        if not isinstance(sub, DistributedOptimizer):
+            sub.load_state_dict(part)
+            continue
+        part = dict(part)
+        param_state = part.pop("param_state", None)
+        fmt = part.pop("param_state_sharding_type", None)
+        sub.load_state_dict(part)
+        states = sub.optimizer.state
+        steps = {p: st.pop("step") for p, st in states.items() if "step" in st}
+        try:
+            if param_state is not None:
+                _PARAM_STATE_LOADERS[fmt](sub, param_state)
+        finally:
+            for param, step in steps.items():
+                states[param]["step"] = step.clone()
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
+
+
+_PARAM_STATE_LOADERS = {
+    "fully_reshardable": DistributedOptimizer.load_parameter_state_from_fully_reshardable,
+    "dp_reshardable": DistributedOptimizer.load_parameter_state_from_dp_reshardable,
+    "fully_sharded_model_space": DistributedOptimizer.load_parameter_state_from_fs_model_space,
+    "dp_zero_gather_scatter": DistributedOptimizer.load_parameter_state_from_dp_zero,
+}
 
 
 def _rng_state() -> ShardedObject:
@@ -127,6 +253,17 @@ def _set_rng_state(states: List[Dict[str, Any]]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _rank_independent(common: Dict[str, Any]) -> Dict[str, Any]:
+    """The common state without what legitimately differs per rank, for megatron-core's
+    cross-rank consistency check at save: the memory-efficient ``fully_reshardable``
+    format gathers the optimizer state on DP rank 0 only (``param_state`` is None
+    elsewhere)."""
+    optimizer = common.get("optimizer")
+    if not isinstance(optimizer, dict) or "param_state" not in optimizer:
+        return common
+    return dict(common, optimizer={k: v for k, v in optimizer.items() if k != "param_state"})
+
+
 def _layout(cfg: RunConfig) -> Dict[str, int]:
     par = cfg.parallel
     return {"tp": par.tensor_model_parallel_size, "pp": par.pipeline_model_parallel_size,
@@ -143,7 +280,8 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         shutil.rmtree(work, ignore_errors=True)  # a leftover of an interrupted save
         os.makedirs(work)
     dist.barrier()
-    md = _metadata(state.cfg.parallel.use_distributed_optimizer)
+    content = _content_metadata(state.cfg.parallel.use_distributed_optimizer)
+    md = _metadata(content)
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
@@ -155,8 +293,11 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
         "opt_param_scheduler": state.scheduler.state_dict(),
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
+        "vocab": {"vocab_size": state.vocab_size,
+                  "padded_vocab_size": _gpt(state.model[0]).vocab_size},
     }
-    dist_checkpointing.save(sharded, work, async_sharded_save=False)
+    dist_checkpointing.save(sharded, work, async_sharded_save=False, content_metadata=content,
+                            preprocess_common_before_consistancy_check=_rank_independent)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(work, CONFIG_NAME), "w") as fh:
@@ -170,22 +311,112 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
     return final
 
 
-def check_compatible(directory: str, cfg: RunConfig) -> Dict[str, Any]:
-    """Compare the checkpoint's model shape with ``cfg``; raise naming the path and field."""
+def _effective(section: str, key: str, values: Dict[str, Any]) -> Any:
+    """A shape field as the model is built with it (defaults resolved)."""
+    if section == "model" and key == "num_query_groups":
+        return values.get(key) or values.get("num_attention_heads")
+    if section == "model" and key == "ffn_hidden_size":
+        return values.get(key) or 4 * (values.get("hidden_size") or 0)
+    return values.get(key)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _precision(training: Dict[str, Any]) -> str:
+    return "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
+
+
+def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any]) -> None:
+    for section, keys in SHAPE_KEYS.items():
+        for key in keys:
+            theirs = _effective(section, key, saved.get(section, {}))
+            mine = _effective(section, key, ours[section])
+            if theirs != mine:
+                raise CheckpointError(
+                    f"{directory} was saved with {section}.{key}={theirs!r} but this run has "
+                    f"{_flag(key)}={mine!r}; use the same value (the weights have other shapes)"
+                )
+    model, saved_model = ours["model"], saved.get("model", {})
+    if model["position_embedding_type"] == "learned_absolute":
+        theirs = saved_model.get("max_position_embeddings") or saved_model.get("seq_length")
+        mine = model["max_position_embeddings"] or model["seq_length"]
+        if theirs != mine:
+            raise CheckpointError(
+                f"{directory} has learned absolute position embeddings for {theirs} positions "
+                f"(model.max_position_embeddings or model.seq_length) but this run builds "
+                f"{mine} (--max-position-embeddings={model['max_position_embeddings']}, "
+                f"--seq-length={model['seq_length']}); pass --max-position-embeddings {theirs} "
+                f"(any --seq-length up to {theirs} then works)"
+            )
+
+
+def _check_vocab(directory: str, common: Dict[str, Any], vocab_size: Optional[int],
+                 padded: Optional[int], tp: int) -> None:
+    saved = common.get("vocab") or {}
+    if saved.get("vocab_size") and vocab_size and saved["vocab_size"] != vocab_size:
+        raise CheckpointError(
+            f"{directory} was trained with a vocabulary of {saved['vocab_size']} tokens but "
+            f"this run has {vocab_size} (--vocab-size or the tokenizer); use the same "
+            "tokenizer/--vocab-size (the embedding and output layer have other shapes)"
+        )
+    if saved.get("padded_vocab_size") and padded and saved["padded_vocab_size"] != padded:
+        message = (f"{directory} has {saved['padded_vocab_size']} embedding rows (vocabulary "
+                   f"padded for --make-vocab-size-divisible-by x TP), this run {padded}")
+        if (common.get("layout") or {}).get("tp") == tp:
+            raise CheckpointError(message + "; use the same --vocab-size and tokenizer")
+        logger.warning("%s: the rows of padding that differ start fresh", message)
+
+
+def _check_format(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
+                  checkpoint: Optional[CheckpointConfig]) -> None:
+    """Precision and distributed optimizer decide the optimizer state's format."""
+    if checkpoint is not None and (checkpoint.no_load_optim or checkpoint.finetune):
+        return  # weights only: they load into any precision/optimizer
+    how = ("; to continue with the new setting load the weights only: --no-load-optim "
+           "(keeps the iteration and LR schedule, fresh optimizer state) or --finetune "
+           "(iteration 0)")
+    theirs, mine = _precision(saved.get("training", {})), _precision(ours["training"])
+    if theirs != mine:
+        raise CheckpointError(
+            f"{directory} was saved with {theirs} precision (training.bf16/fp16) but this "
+            f"run uses {mine}: the optimizer state has another format{how}, or resume "
+            f"with the checkpoint's precision"
+            + (f" (--{theirs})" if theirs != "fp32" else " (no --bf16/--fp16)")
+        )
+    key = "use_distributed_optimizer"
+    theirs, mine = bool(saved.get("parallel", {}).get(key)), bool(ours["parallel"][key])
+    if theirs != mine:
+        raise CheckpointError(
+            f"{directory} was saved with parallel.{key}={theirs} but this run has "
+            f"--use-distributed-optimizer={mine}: the optimizer state has another "
+            f"format{how}, or resume with the checkpoint's setting"
+        )
+
+
+def check_compatible(directory: str, cfg: RunConfig, *,
+                     checkpoint: Optional[CheckpointConfig] = None,
+                     vocab_size: Optional[int] = None, padded_vocab_size: Optional[int] = None,
+                     common: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Compare the checkpoint with this run; raise CheckpointError naming the field.
+
+    Shapes (layers, sizes, vocabulary, learned positions) must match. Precision and the
+    distributed optimizer must match unless ``checkpoint`` says the optimizer is not
+    loaded (--no-load-optim, --finetune). ``common`` is the checkpoint's common state
+    (vocabulary sizes, layout); returns the saved config dict.
+    """
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: missing {CONFIG_NAME}; not saved by mtp_megatron?")
-    saved = yaml.safe_load(open(path))
+    with open(path) as fh:
+        saved = yaml.safe_load(fh)
     ours = to_dict(cfg)
-    for section, keys in SHAPE_KEYS.items():
-        for key in keys:
-            if saved.get(section, {}).get(key) != ours[section][key]:
-                raise CheckpointError(
-                    f"{directory} was saved with {section}.{key}="
-                    f"{saved.get(section, {}).get(key)!r} but this run has "
-                    f"--{key.replace('_', '-')}={ours[section][key]!r}; use the same value "
-                    "(the weights have other shapes)"
-                )
+    _check_shapes(directory, saved, ours)
+    if common is not None:
+        _check_vocab(directory, common, vocab_size, padded_vocab_size,
+                     cfg.parallel.tensor_model_parallel_size)
+    _check_format(directory, saved, ours, checkpoint)
     return saved
 
 
@@ -202,24 +433,62 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
+def _read_common(directory: str) -> Dict[str, Any]:
+    try:
+        return dist_checkpointing.load_common_state_dict(directory)
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"{directory}: cannot be loaded, it is incomplete or corrupt ({_describe(exc)})"
+        ) from None
+
+
+def _load_content(directory: str, common_all: Dict[str, Any], state: TrainState,
+                  load_optim: bool) -> Dict[str, Any]:
+    """The sharded-state-dict settings to load with: the checkpoint's own, checked."""
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common_all)
+    if content is None:  # saved before content metadata: our old dp_reshardable default
+        content = _content_metadata(False)
+        if state.cfg.parallel.use_distributed_optimizer:
+            content["distrib_optim_sharding_type"] = "dp_reshardable"
+    if not (load_optim and state.cfg.parallel.use_distributed_optimizer):
+        return {k: v for k, v in content.items() if not k.startswith("distrib_optim")}
+    fmt = content.get("distrib_optim_sharding_type")
+    saved_layout = common_all["common"].get("layout") or {}
+    ours = _layout(state.cfg)
+    same_mp = (saved_layout.get("tp"), saved_layout.get("pp")) == (ours["tp"], ours["pp"])
+    if fmt not in DistributedOptimizer.checkpoint_fully_reshardable_formats and not same_mp:
+        raise CheckpointError(
+            f"{directory}: its distributed-optimizer state is in megatron-core's {fmt!r} "
+            f"format, which reshards over data parallel ranks only, and it was saved with "
+            f"TP={saved_layout.get('tp')} PP={saved_layout.get('pp')} (this run: "
+            f"TP={ours['tp']} PP={ours['pp']}); resume with the saved TP/PP, or load the "
+            "weights only with --no-load-optim (or --finetune)"
+        )
+    return content
+
+
 def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointConfig) -> None:
     """Restore ``state`` in place from the latest complete checkpoint under ``load_dir``."""
     for leftover in partial_saves(load_dir):
         logger.warning("ignoring interrupted save %s (never loaded)", leftover)
     directory, iteration = resolve_load_dir(load_dir)
-    check_compatible(directory, state.cfg)
+    common_all = _read_common(directory)
+    check_compatible(directory, state.cfg, checkpoint=checkpoint, vocab_size=state.vocab_size,
+                     padded_vocab_size=_gpt(state.model[0]).vocab_size,
+                     common=common_all.get("common", {}))
     start = time.perf_counter()
-    md = _metadata(state.cfg.parallel.use_distributed_optimizer)
-    model_sd = _model_state(state.model, md)
     load_optim = not (checkpoint.no_load_optim or checkpoint.finetune)
+    md = _metadata(_load_content(directory, common_all, state, load_optim))
+    model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
     if load_optim:
+        _prepare_distributed_optimizer_for_load(state.optimizer)
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=md)
     error, rng = None, None
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
-        common = dist_checkpointing.load_common_state_dict(directory)["common"]
+        common = common_all["common"]
         if common.get("layout") == _layout(state.cfg) and not (
                 checkpoint.no_load_rng or checkpoint.finetune):
             rng = dist_checkpointing.load(
@@ -235,8 +504,12 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     for i, chunk in enumerate(state.model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(state.model))], strict=True)
     if load_optim:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif state.cfg.training.bf16 or state.cfg.training.fp16:
+        # The fp32 main weights were initialised from the model before the load; rebuild
+        # them from the loaded weights, or the first step would write the old ones back.
+        state.optimizer.reload_model_params()
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
@@ -259,8 +532,9 @@ def load_model_weights(path: str, model_chunks: List[torch.nn.Module]) -> Dict[s
     ``path`` is a save root or an ``iter_N`` directory. Returns the saved config dict.
     """
     directory, _ = resolve_load_dir(path)
-    saved = yaml.safe_load(open(os.path.join(directory, CONFIG_NAME)))
-    md = _metadata(False)
+    with open(os.path.join(directory, CONFIG_NAME)) as fh:
+        saved = yaml.safe_load(fh)
+    md = _metadata(_content_metadata(False))
     sharded = _model_state(model_chunks, md)
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)

@@ -64,7 +64,8 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
+                                vocab_size=cfg.model.vocab_size or tokenizer_vocab)
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
         self.sampler = self._build_sampler()
