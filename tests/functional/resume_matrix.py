@@ -14,6 +14,7 @@ A case is ``(name, yaml_path_or_None, cli_overrides)``. Results per rank:
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,6 +41,7 @@ class CaseResult:
     weights_compared: int = 0
     losses: Dict[int, float] = field(default_factory=dict)  # last stage only
     checkpoint: str = ""
+    seconds: float = 0.0
 
 
 def _values(step) -> Dict[str, Any]:
@@ -94,8 +96,9 @@ class Session:
 
 
 def run_case(session: Session, root: str, name: str, yaml_path, cli) -> CaseResult:
+    start = time.perf_counter()
     out = os.path.join(root, name)
-    ck, ck_resumed = os.path.join(out, "ck"), os.path.join(out, "ck_resumed")
+    ck = os.path.join(out, "ck")
     base = dict(cli, train_iters=ITERS)
     straight, hist_a = session.run(yaml_path, dict(
         base, save=ck, save_interval=ITERS // 2, output_dir=os.path.join(out, "a")))
@@ -103,7 +106,7 @@ def run_case(session: Session, root: str, name: str, yaml_path, cli) -> CaseResu
     del straight
     half = os.path.join(ck, f"iter_{ITERS // 2:07d}")
     resumed, hist_b = session.run(yaml_path, dict(
-        base, load=half, save=ck_resumed, output_dir=os.path.join(out, "b")))
+        base, load=half, output_dir=os.path.join(out, "b")))
     weights_b = _weights(resumed.model)
     a = {s.iteration: _values(s) for s in hist_a}
     b = {s.iteration: _values(s) for s in hist_b}
@@ -116,6 +119,7 @@ def run_case(session: Session, root: str, name: str, yaml_path, cli) -> CaseResu
     result.weights_compared = len(weights_a)
     result.weights_equal = weights_a.keys() == weights_b.keys() and all(
         weights_a[k].equal(weights_b[k]) for k in weights_a)
+    result.seconds = time.perf_counter() - start
     return result
 
 
