@@ -1,8 +1,8 @@
 """Checkpoints: megatron-core dist_checkpointing, atomic commits, resharding on load."""
 
+from mtp_megatron.checkpoint.compat import check_compatible
 from mtp_megatron.checkpoint.dist_ckpt import (
     TrainState,
-    check_compatible,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,

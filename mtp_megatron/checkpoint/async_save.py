@@ -63,7 +63,8 @@ class AsyncSaver:
         guard.prepare()
         with guard.writing():  # staging errors: one CheckpointError on every rank
             request = dist_checkpointing.save(dist_ckpt.sharded_state(state), guard.work,
-                                              async_sharded_save=True)
+                                              async_sharded_save=True,
+                                              **dist_ckpt.save_kwargs(state.cfg))
         request.add_finalize_fn(partial(_commit, guard, state.cfg, started))
         self.queue.schedule_async_request(request)
         return guard.final

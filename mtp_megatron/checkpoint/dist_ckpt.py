@@ -2,14 +2,45 @@
 
 What a checkpoint holds (``torch_dist`` format): the model (resharded on load: any
 TP/PP/DP layout loads into any other), the optimizer, the LR scheduler, RNG states
-(python, numpy, torch, the model-parallel tracker), the iteration, consumed samples
-and the resolved config.
+(python, numpy, torch, the model-parallel tracker), the iteration, consumed samples,
+the model's vocabulary sizes and the resolved config.
 
     save_checkpoint(state, cfg.checkpoint.save)
     save_model_weights([model], cfg, "ckpt")   # weights only: load it with --finetune
     load_checkpoint(state, cfg.checkpoint.load, checkpoint=cfg.checkpoint)  # fills state
     state.iteration, state.consumed_samples                  # where training resumes
     load_model_weights("runs/x/checkpoints", model_chunks)   # inference: weights only
+
+Optimizer state formats. The plain (and --bf16/--fp16) optimizer stores one tensor per
+parameter state under the parameter's own key, so it reshards like the model. The
+distributed optimizer (--use-distributed-optimizer) has several formats in megatron-core
+0.16 (``DistributedOptimizer.sharded_state_dict``); we save ``fully_reshardable`` with
+``distrib_optim_fully_reshardable_mem_efficient`` (Megatron-LM's
+``--dist-ckpt-optim-fully-reshardable``):
+
+* ``fully_reshardable``: at save, each DP group gathers its optimizer shards (over gloo,
+  on CPU) to DP rank 0, which writes them per *model parameter* like the plain optimizer.
+  A checkpoint therefore loads into any TP/PP/DP layout, which is what this package
+  promises for the model. Its cost is one gather per save and, on DP rank 0, host memory
+  for the fp32 optimizer state of one model-parallel shard (12 bytes per parameter: about
+  4 GB for a 350M model), which is fine at the sizes this package targets.
+* ``dp_reshardable`` (Megatron-LM's default) writes every rank's flat buffer shard with no
+  communication, but the layout is that of the DDP buckets: it reshards over DP only,
+  not TP/PP. Checkpoints in that format (e.g. from Megatron-LM) still load when TP and PP
+  are unchanged; otherwise the load stops and says to use --no-load-optim.
+* ``fully_sharded_model_space`` is deprecated in megatron-core 0.16.
+
+The format a checkpoint was written in is stored in its content metadata
+(``dist_checkpointing.save(..., content_metadata=...)``) and read back on load, as
+Megatron-LM does, so loading never guesses.
+
+Resuming with changed settings: :func:`check_compatible` compares the checkpoint's
+run_config.yaml (and the vocabulary sizes in its common state) with this run, and names
+the field. Shapes must match. The optimizer's state format (precision, distributed
+optimizer) may change only when the optimizer is not loaded: ``--no-load-optim`` keeps the
+iteration and LR schedule, ``--finetune`` restarts at iteration 0; in both cases the
+weights are loaded (cast to this run's precision) and the fp32 main weights of a
+--bf16/--fp16 optimizer are rebuilt from them.
 """
 
 from __future__ import annotations
@@ -28,9 +59,11 @@ import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import StrictHandling
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_megatron.checkpoint.commit import SaveGuard
+from mtp_megatron.checkpoint.compat import check_compatible
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
     CheckpointError,
@@ -48,13 +81,11 @@ LENIENT = StrictHandling.ASSUME_OK_UNEXPECTED
 # torch.distributed.checkpoint reports a failed read as CheckpointException, which
 # derives from BaseException, not Exception.
 LOAD_ERRORS = (Exception, CheckpointException)
-# Settings that must match between the checkpoint and the model it is loaded into.
-SHAPE_KEYS = {
-    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "swiglu", "disable_bias_linear", "normalization",
-              "untie_embeddings_and_output_weights", "position_embedding_type"),
-    "mtp": ("mtp_num_layers",),
-}
+# The distributed optimizer's checkpoint format (see the module docstring).
+DISTRIB_OPTIM_FORMAT = "fully_reshardable"
+# Content metadata keys that describe how the sharded state dicts were built.
+CONTENT_KEYS = ("singleton_local_shards", "chained_optim_avoid_prefix",
+                "distrib_optim_sharding_type", "distrib_optim_fully_reshardable_mem_efficient")
 
 
 @dataclass
@@ -67,17 +98,24 @@ class TrainState:
     cfg: RunConfig
     iteration: int = 0
     consumed_samples: int = 0
+    # The vocabulary before padding (--vocab-size or the tokenizer's); saved so a resume
+    # with another vocabulary is refused instead of loading silently.
+    vocab_size: Optional[int] = None
 
 
-def _metadata(use_distributed_optimizer: bool) -> Dict[str, Any]:
-    """``sharded_state_dict`` metadata as Megatron-LM passes it for megatron-core 0.16."""
-    md = {
-        "singleton_local_shards": False,
-        "chained_optim_avoid_prefix": True,
-        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-    }
+def _content_metadata(use_distributed_optimizer: bool) -> Dict[str, Any]:
+    """How this run builds its sharded state dicts (saved in the checkpoint)."""
+    content = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if use_distributed_optimizer:
-        md["distrib_optim_sharding_type"] = "dp_reshardable"
+        content["distrib_optim_sharding_type"] = DISTRIB_OPTIM_FORMAT
+        content["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return content
+
+
+def _metadata(content: Dict[str, Any]) -> Dict[str, Any]:
+    """``sharded_state_dict`` metadata as Megatron-LM passes it for megatron-core 0.16."""
+    md = {key: content[key] for key in CONTENT_KEYS if key in content}
+    md["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return md
 
 
@@ -93,7 +131,85 @@ def _model_state(model: List[torch.nn.Module], metadata) -> Dict[str, Any]:
 
 
 def _unwrap(chunk):
+    """The module whose state dict is the model's: inside DDP (Float16Module passes through)."""
     return getattr(chunk, "module", chunk)
+
+
+def _gpt(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _distributed_optimizers(optimizer) -> List[DistributedOptimizer]:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
+
+
+def _prepare_distributed_optimizer_for_load(optimizer) -> None:
+    """Give a fresh distributed optimizer the state megatron-core expects before a load.
+
+    megatron-core 0.16.1 without Apex or Transformer Engine (CPU, or a GPU without them)
+    runs torch's Adam, and ``DistributedOptimizer.sharded_state_dict(is_loading=True)``
+    first calls ``state_dict()``, which reads each parameter's Adam ``step`` and asserts
+    there is exactly one value (``assert len(steps) == 1``): on an optimizer that has not
+    stepped yet there are none. Allocate the state (zeros; the load overwrites it).
+    """
+    if HAVE_APEX_OR_TE:
+        return
+    for sub in _distributed_optimizers(optimizer):
+        inner = sub.optimizer
+        if len(inner.state) == 0:
+            sub.init_state_fn(inner, sub.config)
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param]["step"] = torch.tensor(0.0)
+
+
+def _load_optimizer(optimizer, state_dict) -> None:
+    """``optimizer.load_state_dict``, with megatron-core 0.16.1's torch-Adam path fixed.
+
+    Without Apex or Transformer Engine (CPU, or a GPU without them) the distributed
+    optimizer wraps torch's Adam, which keeps a ``step`` tensor per parameter, and
+    megatron-core's ``DistributedOptimizer.load_state_dict`` then (1) fails loading a
+    ``fully_reshardable`` state (``KeyError: 'step'``: it copies every state key but the
+    format does not store ``step``) and (2) gives every parameter one shared ``step``
+    tensor, which torch's Adam increments in place once per parameter per step, so a
+    resumed run's bias correction would drift. Here: load the non-tensor state (this sets
+    ``step``), set the step tensors aside while the parameter state is copied in with
+    megatron-core's own loader for the format, then give each parameter its own copy.
+    """
+    if HAVE_APEX_OR_TE or not _distributed_optimizers(optimizer):
+        optimizer.load_state_dict(state_dict)
+        return
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state_dict] if len(subs) == 1 else list(state_dict)
+    for sub, part in zip(subs, parts):
+        if not isinstance(sub, DistributedOptimizer):
+            sub.load_state_dict(part)
+            continue
+        part = dict(part)
+        param_state = part.pop("param_state", None)
+        fmt = part.pop("param_state_sharding_type", None)
+        sub.load_state_dict(part)
+        states = sub.optimizer.state
+        steps = {p: st.pop("step") for p, st in states.items() if "step" in st}
+        try:
+            if param_state is not None:
+                _PARAM_STATE_LOADERS[fmt](sub, param_state)
+        finally:
+            for param, step in steps.items():
+                states[param]["step"] = step.clone()
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
+
+
+_PARAM_STATE_LOADERS = {
+    "fully_reshardable": DistributedOptimizer.load_parameter_state_from_fully_reshardable,
+    "dp_reshardable": DistributedOptimizer.load_parameter_state_from_dp_reshardable,
+    "fully_sharded_model_space": DistributedOptimizer.load_parameter_state_from_fs_model_space,
+    "dp_zero_gather_scatter": DistributedOptimizer.load_parameter_state_from_dp_zero,
+}
 
 
 def _rng_state() -> ShardedObject:
@@ -126,15 +242,32 @@ def _set_rng_state(states: List[Dict[str, Any]]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _rank_independent(common: Dict[str, Any]) -> Dict[str, Any]:
+    """The common state without what legitimately differs per rank, for megatron-core's
+    cross-rank consistency check at save: the memory-efficient ``fully_reshardable``
+    format gathers the optimizer state on DP rank 0 only (``param_state`` is None
+    elsewhere)."""
+    optimizer = common.get("optimizer")
+    if not isinstance(optimizer, dict) or "param_state" not in optimizer:
+        return common
+    return dict(common, optimizer={k: v for k, v in optimizer.items() if k != "param_state"})
+
+
 def _layout(cfg: RunConfig) -> Dict[str, int]:
     par = cfg.parallel
     return {"tp": par.tensor_model_parallel_size, "pp": par.pipeline_model_parallel_size,
             "dp": par.data_parallel_size, "vpp": cfg.virtual_pipeline_size or 1}
 
 
+def save_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    """``dist_checkpointing.save`` arguments shared by the synchronous and async saves."""
+    return {"content_metadata": _content_metadata(cfg.parallel.use_distributed_optimizer),
+            "preprocess_common_before_consistancy_check": _rank_independent}
+
+
 def sharded_state(state: TrainState) -> Dict[str, Any]:
     """What a checkpoint holds (shared by the synchronous and the --async-save path)."""
-    md = _metadata(state.cfg.parallel.use_distributed_optimizer)
+    md = _metadata(_content_metadata(state.cfg.parallel.use_distributed_optimizer))
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
@@ -146,6 +279,8 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
         "opt_param_scheduler": state.scheduler.state_dict(),
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
+        "vocab": {"vocab_size": state.vocab_size,
+                  "padded_vocab_size": _gpt(state.model[0]).vocab_size},
     }
     return sharded
 
@@ -158,7 +293,7 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
     """
     guard = SaveGuard(save_dir, state.iteration, keep_last=state.cfg.checkpoint.ckpt_keep_last)
     guard.prepare()
-    return _write(guard, sharded_state(state), state.cfg)
+    return _write(guard, sharded_state(state), state.cfg, save_kwargs(state.cfg))
 
 
 def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,
@@ -169,41 +304,26 @@ def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: s
     """
     guard = SaveGuard(save_dir, iteration)
     guard.prepare()
-    sharded = dict(_model_state(model, _metadata(False)))
+    content = _content_metadata(False)
+    sharded = dict(_model_state(model, _metadata(content)))
     sharded["common"] = {"iteration": iteration, "consumed_samples": 0,
                          "checkpoint_version": CHECKPOINT_VERSION, "layout": _layout(cfg),
                          "weights_only": True}
-    return _write(guard, sharded, cfg)
+    return _write(guard, sharded, cfg, {"content_metadata": content,
+                                        "preprocess_common_before_consistancy_check":
+                                            _rank_independent})
 
 
-def _write(guard: SaveGuard, sharded: Dict[str, Any], cfg: RunConfig) -> str:
+def _write(guard: SaveGuard, sharded: Dict[str, Any], cfg: RunConfig,
+           kwargs: Dict[str, Any]) -> str:
     """Write ``sharded`` into the guard's partial directory and commit it."""
     start = time.perf_counter()
     with guard.writing():
-        dist_checkpointing.save(sharded, guard.work, async_sharded_save=False)
+        dist_checkpointing.save(sharded, guard.work, async_sharded_save=False, **kwargs)
     final = guard.commit({CONFIG_NAME: yaml.safe_dump(to_dict(cfg), sort_keys=False)})
     if dist.get_rank() == dist.get_world_size() - 1:
         logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - start)
     return final
-
-
-def check_compatible(directory: str, cfg: RunConfig) -> Dict[str, Any]:
-    """Compare the checkpoint's model shape with ``cfg``; raise naming the path and field."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: missing {CONFIG_NAME}; not saved by mtp_megatron?")
-    saved = yaml.safe_load(open(path))
-    ours = to_dict(cfg)
-    for section, keys in SHAPE_KEYS.items():
-        for key in keys:
-            if saved.get(section, {}).get(key) != ours[section][key]:
-                raise CheckpointError(
-                    f"{directory} was saved with {section}.{key}="
-                    f"{saved.get(section, {}).get(key)!r} but this run has "
-                    f"--{key.replace('_', '-')}={ours[section][key]!r}; use the same value "
-                    "(the weights have other shapes)"
-                )
-    return saved
 
 
 def _describe(error: Optional[BaseException]) -> str:
@@ -225,12 +345,38 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
-def _weights_only(directory: str) -> bool:
+def _read_common(directory: str) -> Dict[str, Any]:
     try:
-        common = dist_checkpointing.load_common_state_dict(directory)["common"]
-    except LOAD_ERRORS:
-        return False  # unreadable: the load below names the path
-    return bool(common.get("weights_only"))
+        return dist_checkpointing.load_common_state_dict(directory)
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"{directory}: cannot be loaded, it is incomplete or corrupt ({_describe(exc)})"
+        ) from None
+
+
+def _load_content(directory: str, common_all: Dict[str, Any], state: TrainState,
+                  load_optim: bool) -> Dict[str, Any]:
+    """The sharded-state-dict settings to load with: the checkpoint's own, checked."""
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common_all)
+    if content is None:  # saved before content metadata: our old dp_reshardable default
+        content = _content_metadata(False)
+        if state.cfg.parallel.use_distributed_optimizer:
+            content["distrib_optim_sharding_type"] = "dp_reshardable"
+    if not (load_optim and state.cfg.parallel.use_distributed_optimizer):
+        return {k: v for k, v in content.items() if not k.startswith("distrib_optim")}
+    fmt = content.get("distrib_optim_sharding_type")
+    saved_layout = common_all["common"].get("layout") or {}
+    ours = _layout(state.cfg)
+    same_mp = (saved_layout.get("tp"), saved_layout.get("pp")) == (ours["tp"], ours["pp"])
+    if fmt not in DistributedOptimizer.checkpoint_fully_reshardable_formats and not same_mp:
+        raise CheckpointError(
+            f"{directory}: its distributed-optimizer state is in megatron-core's {fmt!r} "
+            f"format, which reshards over data parallel ranks only, and it was saved with "
+            f"TP={saved_layout.get('tp')} PP={saved_layout.get('pp')} (this run: "
+            f"TP={ours['tp']} PP={ours['pp']}); resume with the saved TP/PP, or load the "
+            "weights only with --no-load-optim (or --finetune)"
+        )
+    return content
 
 
 def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointConfig) -> None:
@@ -238,24 +384,28 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     for leftover in partial_saves(load_dir):
         logger.warning("ignoring interrupted save %s (never loaded)", leftover)
     directory, iteration = resolve_load_dir(load_dir)
-    check_compatible(directory, state.cfg)
-    if not checkpoint.finetune and _weights_only(directory):
+    common_all = _read_common(directory)
+    check_compatible(directory, state.cfg, checkpoint=checkpoint, vocab_size=state.vocab_size,
+                     padded_vocab_size=_gpt(state.model[0]).vocab_size,
+                     common=common_all.get("common", {}))
+    if not checkpoint.finetune and common_all.get("common", {}).get("weights_only"):
         raise CheckpointError(
             f"{directory} holds model weights only (no optimizer, iteration or RNG state; "
             "e.g. imported from Hugging Face): start from it with --finetune"
         )
     start = time.perf_counter()
-    md = _metadata(state.cfg.parallel.use_distributed_optimizer)
-    model_sd = _model_state(state.model, md)
     load_optim = not (checkpoint.no_load_optim or checkpoint.finetune)
+    md = _metadata(_load_content(directory, common_all, state, load_optim))
+    model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
     if load_optim:
+        _prepare_distributed_optimizer_for_load(state.optimizer)
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=md)
     error, rng = None, None
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
-        common = dist_checkpointing.load_common_state_dict(directory)["common"]
+        common = common_all["common"]
         if common.get("layout") == _layout(state.cfg) and not (
                 checkpoint.no_load_rng or checkpoint.finetune):
             rng = dist_checkpointing.load(
@@ -271,8 +421,12 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     for i, chunk in enumerate(state.model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(state.model))], strict=True)
     if load_optim:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif state.cfg.training.bf16 or state.cfg.training.fp16:
+        # The fp32 main weights were initialised from the model before the load; rebuild
+        # them from the loaded weights, or the first step would write the old ones back.
+        state.optimizer.reload_model_params()
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
@@ -295,8 +449,9 @@ def load_model_weights(path: str, model_chunks: List[torch.nn.Module]) -> Dict[s
     ``path`` is a save root or an ``iter_N`` directory. Returns the saved config dict.
     """
     directory, _ = resolve_load_dir(path)
-    saved = yaml.safe_load(open(os.path.join(directory, CONFIG_NAME)))
-    md = _metadata(False)
+    with open(os.path.join(directory, CONFIG_NAME)) as fh:
+        saved = yaml.safe_load(fh)
+    md = _metadata(_content_metadata(False))
     sharded = _model_state(model_chunks, md)
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)

@@ -20,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -163,7 +164,16 @@ def ddp_config_for(cfg: RunConfig) -> DistributedDataParallelConfig:
 
 def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
                 vocab_size: int, device: torch.device) -> List[DistributedDataParallel]:
-    """All chunks of this rank, on ``device``, wrapped in megatron-core DDP."""
+    """All chunks of this rank, on ``device``, wrapped in megatron-core DDP.
+
+    With --bf16/--fp16 each chunk is first wrapped in megatron-core's ``Float16Module``
+    (as Megatron-LM's ``get_model`` does): it casts *every* parameter to the half type.
+    Without it the norm weights stay fp32 (megatron-core creates them in fp32 whatever
+    ``params_dtype`` says), and the mixed fp32/half parameter list breaks the optimizers'
+    checkpoints: ``Float16OptimizerWithFloat16Params.sharded_state_dict`` pairs optimizer
+    state ids with the half parameters only ("Optimizer shape ((64,) does not match model
+    shape ((192,))"), and the distributed optimizer's buffers get two dtypes.
+    """
     # The MTP loss tracker is a process global: start each model with a clean one.
     MTPLossLoggingHelper.tracker.clear()
     stages = cfg.virtual_pipeline_size or 1
@@ -176,6 +186,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.to(device)
+        if tconfig.fp16 or tconfig.bf16:
+            chunk = Float16Module(tconfig, chunk)
         wrapped.append(DistributedDataParallel(
             tconfig, ddp_config, chunk, disable_bucketing=i > 0,
         ))

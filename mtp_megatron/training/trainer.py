@@ -80,7 +80,8 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
+                                vocab_size=cfg.model.vocab_size or tokenizer_vocab)
         self.committed_at: Optional[int] = None  # the iteration --save already holds
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)

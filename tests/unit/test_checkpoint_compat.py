@@ -1,0 +1,89 @@
+"""Resuming with changed settings: ``check_compatible`` names the field and the way out.
+
+Pure Python: a checkpoint directory here is only its run_config.yaml (plus the common
+state's vocabulary sizes passed in), which is all ``check_compatible`` reads.
+"""
+
+import pytest
+
+from mtp_megatron.checkpoint import CheckpointError, check_compatible
+from mtp_megatron.config import CheckpointConfig, build_config, save_config
+
+BASE = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+        "micro_batch_size": 2, "global_batch_size": 8}
+
+
+def _saved(tmp_path, **cli):
+    directory = tmp_path / "iter_0000002"
+    directory.mkdir()
+    save_config(build_config(None, dict(BASE, **cli), 1), str(directory / "run_config.yaml"))
+    return str(directory)
+
+
+def _error(directory, checkpoint=None, common=None, vocab=None, padded=None, **cli):
+    cfg = build_config(None, dict(BASE, **cli), 1)
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(directory, cfg, checkpoint=checkpoint, common=common,
+                         vocab_size=vocab, padded_vocab_size=padded)
+    return str(err.value)
+
+
+def _ok(directory, checkpoint=None, **cli):
+    return check_compatible(directory, build_config(None, dict(BASE, **cli), 1),
+                            checkpoint=checkpoint)
+
+
+def test_precision_switch_names_the_precision_and_the_weights_only_flags(tmp_path):
+    ck = _saved(tmp_path, bf16=True)
+    msg = _error(ck)
+    assert "bf16" in msg and "fp32" in msg and "--no-load-optim" in msg and "--finetune" in msg
+    assert "--bf16" in msg  # or resume with the checkpoint's precision
+    assert "fp16" in _error(ck, fp16=True)
+    _ok(ck, bf16=True)
+    _ok(ck, checkpoint=CheckpointConfig(no_load_optim=True))  # weights only: allowed
+    _ok(ck, checkpoint=CheckpointConfig(finetune=True), fp16=True)
+
+
+def test_distributed_optimizer_switch_names_the_flag(tmp_path):
+    ck = _saved(tmp_path)
+    msg = _error(ck, use_distributed_optimizer=True)
+    assert "--use-distributed-optimizer=True" in msg and "--no-load-optim" in msg
+    _ok(ck, checkpoint=CheckpointConfig(no_load_optim=True), use_distributed_optimizer=True)
+
+
+def test_vocab_size_change_is_refused(tmp_path):
+    ck = _saved(tmp_path, vocab_size=256)
+    common = {"vocab": {"vocab_size": 256, "padded_vocab_size": 256}, "layout": {"tp": 1}}
+    msg = _error(ck, common=common, vocab=300, padded=384, vocab_size=300)
+    assert "256" in msg and "300" in msg and "--vocab-size" in msg
+    # same unpadded vocabulary, other padding at the same TP: the embedding shape differs
+    msg = _error(ck, common=common, vocab=256, padded=512, vocab_size=256,
+                 make_vocab_size_divisible_by=512)
+    assert "make_vocab_size_divisible_by" in msg or "--make-vocab-size-divisible-by" in msg
+
+
+def test_padding_change_from_tp_alone_is_a_warning_not_an_error(tmp_path, caplog):
+    ck = _saved(tmp_path, vocab_size=300)
+    common = {"vocab": {"vocab_size": 300, "padded_vocab_size": 384}, "layout": {"tp": 1}}
+    cfg = build_config(None, dict(BASE, vocab_size=300, tensor_model_parallel_size=2), 2)
+    check_compatible(ck, cfg, common=common, vocab_size=300, padded_vocab_size=512)
+    assert "start fresh" in caplog.text
+
+
+def test_learned_positions_name_max_position_embeddings(tmp_path):
+    ck = _saved(tmp_path, position_embedding_type="learned_absolute")
+    msg = _error(ck, position_embedding_type="learned_absolute", seq_length=64)
+    assert "--max-position-embeddings 32" in msg and "corrupt" not in msg
+    # a shorter sequence with the saved table size loads
+    _ok(ck, position_embedding_type="learned_absolute", seq_length=16,
+        max_position_embeddings=32)
+
+
+def test_rope_sequence_length_may_change(tmp_path):
+    _ok(_saved(tmp_path), seq_length=64)
+
+
+def test_defaults_resolved_before_comparing(tmp_path):
+    ck = _saved(tmp_path)  # ffn_hidden_size and num_query_groups left to their defaults
+    _ok(ck, ffn_hidden_size=128, num_query_groups=4)
+    assert "ffn_hidden_size" in _error(ck, ffn_hidden_size=64)
