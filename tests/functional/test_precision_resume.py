@@ -127,7 +127,7 @@ def _assert_bit_exact(per_rank, name):
         assert r.resumed_iterations == list(range(rm.ITERS // 2 + 1, rm.ITERS + 1)), (rank, r)
         assert r.mismatches == [], (rank, name, r.mismatches)
         # (>= 6: a one-layer Llama-shaped stage has 6 weight tensors, plus embeddings)
-        assert r.weights_equal and r.weights_compared >= 10, (rank, name, r)
+        assert r.weights_equal and r.weights_compared >= 6, (rank, name, r)
     last = per_rank[-1][name]
     assert all(loss is not None for loss in last.losses.values()), last  # really logged
 
