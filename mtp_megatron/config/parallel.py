@@ -31,6 +31,10 @@ class ParallelConfig:
     world_size: Optional[int] = option(
         None, "World size (default: from the launcher; set it for --dry-run).", type=int
     )
+    distributed_timeout_minutes: int = option(
+        10, "Timeout of collectives (NCCL/gloo), in minutes: raise it when rank 0 builds a "
+        "large dataset index while the others wait.", type=int
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -40,6 +44,7 @@ class ParallelConfig:
         check_int("--num-layers-per-virtual-pipeline-stage",
                   self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
         check_int("--world-size", self.world_size, 1, allow_none=True)
+        check_int("--distributed-timeout-minutes", self.distributed_timeout_minutes, 1)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel", True,
                               "only with --tensor-model-parallel-size > 1")

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_megatron.config import CheckpointConfig
+from mtp_megatron.runtime import comm
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
 
@@ -48,10 +49,9 @@ class ExitConditions:
             reasons.append(f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached")
         if self.cfg.exit_interval and iteration % self.cfg.exit_interval == 0:
             reasons.append(f"--exit-interval {self.cfg.exit_interval} reached")
-        flags = torch.tensor([float(bool(self.signal_received)), minutes,
-                              float(bool(reasons))], dtype=torch.float64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[2].item() == 0:
+        flags = comm.reduce_values([float(bool(self.signal_received)), minutes,
+                                    float(bool(reasons))], op="max")
+        if flags[2] == 0:
             return None
         if not reasons:  # another rank decided (it got the signal first, or its clock ran)
             reasons.append("another rank asked to stop")
@@ -84,7 +84,5 @@ def step_is_finite(model_chunks: List[torch.nn.Module], lm_loss_reports, iterati
     for chunk in model_chunks if check_grads else []:
         for buffer in chunk.buffers:
             ok &= bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
+    return comm.all_ranks(ok)
 

@@ -26,6 +26,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from mtp_megatron.runtime import comm
+
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """One microbatch's lm loss as ``(loss_sum, num_tokens, {"lm loss": [sum, count]})``."""
@@ -57,7 +59,7 @@ def reduce_lm_loss(reports: List[Dict[str, torch.Tensor]]) -> Optional[float]:
     if not reports:
         return None
     total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    comm.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
 
 
