@@ -8,7 +8,7 @@
 Each rank gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK in its environment;
 an exception on any rank fails the caller with that rank's traceback. Ranks of CPU tests
 see no GPU (``CUDA_VISIBLE_DEVICES=""``, so a GPU machine runs them on gloo too) and run
-in strict device mode (:func:`test_env`); ``spawn(..., gpu=True)`` for GPU-marked tests.
+in strict device mode (:func:`child_env`); ``spawn(..., gpu=True)`` for GPU-marked tests.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mtp_megatron.runtime.launch_env import free_port
 from mtp_megatron.runtime.strict_device import STRICT_ENV
 
 
-def test_env(base: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dict[str, str]:
+def child_env(base: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dict[str, str]:
     """The environment for a process a test starts: strict device mode always; CUDA
     hidden unless ``gpu`` (a CPU test must take the gloo path on a GPU machine too)."""
     env = dict(os.environ if base is None else base)
@@ -36,11 +36,10 @@ def test_env(base: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dic
     return env
 
 
-test_env.__test__ = False  # a helper, not a pytest test
 
 
 def _entry(fn, rank, world_size, port, args, queue, gpu=False):
-    env = test_env(gpu=gpu)  # before CUDA is first touched in this process
+    env = child_env(gpu=gpu)  # before CUDA is first touched in this process
     os.environ.clear()
     os.environ.update(env)
     os.environ.update({

@@ -10,8 +10,9 @@ factory call (``torch.tensor``, ``zeros``, ``arange``, ...) *made from mtp_megat
 own code* without a device the device ``meta``. Such a tensor fails loudly wherever it
 is used: in a ``comm`` collective (``comm.check_device``), on the first read back to the
 host (``.item()``, ``.tolist()``, ``if tensor``: a direct ``dist.all_reduce`` of a meta
-tensor is a silent no-op, c10d registers meta kernels), or mixed with real tensors. megatron-core's and torch's own factory calls (their frames
-are not ours) are left alone, so the model, optimizer and checkpointing run as usual.
+tensor is a silent no-op, c10d registers meta kernels), or mixed with real tensors.
+megatron-core's and torch's own factory calls (their frames are not ours) are left
+alone, so the model, optimizer and checkpointing run as usual.
 
     MTP_MEGATRON_STRICT_DEVICE=1 torchrun ... launch/pretrain_gpt_mtp.py ...
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from tests.dist_utils import test_env
+from tests.dist_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py")
@@ -42,7 +42,7 @@ class Run:
 def launch_env(env: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dict[str, str]:
     """The launched processes' environment: CUDA hidden unless ``gpu`` (so the CPU tiers
     take the gloo path on a GPU machine too), strict device mode, one thread each."""
-    full_env = test_env(gpu=gpu)
+    full_env = child_env(gpu=gpu)
     full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     return full_env

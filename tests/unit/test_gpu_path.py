@@ -1,0 +1,147 @@
+"""GPU-path logic tested on CPU by simulating what a GPU machine would report.
+
+* the CPU test tiers hide CUDA from every process they start (audit 2);
+* the CUDA ordinal under per-task GPU binding (audit 7);
+* RNG tracker states are only restored on the device type that saved them (audit 3);
+* --distributed-timeout-minutes reaches the process groups (audit 8).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mtp_megatron.runtime.strict_device import STRICT_ENV
+from tests.dist_utils import child_env
+from tests.functional.launcher import launch_env
+
+# --- audit 2: CPU tiers take the CPU path on a GPU machine -------------------------------
+
+def test_cpu_tests_hide_cuda_from_what_they_start():
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # conftest, before this test
+    assert os.environ[STRICT_ENV] == "1"
+    gpu_box = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"}
+    for env in (launch_env(), child_env(gpu_box), launch_env({"X": "1"})):
+        assert env["CUDA_VISIBLE_DEVICES"] == "" and env[STRICT_ENV] == "1"
+    assert child_env(gpu_box, gpu=True)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert "CUDA_VISIBLE_DEVICES" not in child_env({"CUDA_VISIBLE_DEVICES": ""}, gpu=True)
+
+
+@pytest.mark.gpu
+def test_gpu_tests_see_the_gpus():
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    assert launch_env(gpu=True).get("CUDA_VISIBLE_DEVICES") != ""
+
+
+# --- audit 7: which GPU a rank takes ---------------------------------------------------
+
+def test_cuda_ordinal_for_every_binding():
+    from mtp_megatron.runtime.distributed import select_cuda_device
+
+    assert [select_cuda_device(r, 8) for r in range(8)] == list(range(8))  # all visible
+    assert [select_cuda_device(r, 1) for r in range(4)] == [0, 0, 0, 0]  # --gpus-per-task=1
+    with pytest.raises(RuntimeError, match="--nproc-per-node"):
+        select_cuda_device(2, 2)  # 3+ ranks on a node that shows 2 GPUs
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        select_cuda_device(0, 0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("visible,local_rank,expected", [(1, 3, 0), (4, 3, 3)])
+def test_initialize_sets_a_visible_device_and_the_timeout(monkeypatch, visible, local_rank,
+                                                          expected):
+    """srun --gpus-per-task=1: SLURM_LOCALID=3 sees one GPU, ordinal 0 (the old code
+    called set_device(3): "invalid device ordinal")."""
+    from mtp_megatron.config import build_config
+    from mtp_megatron.runtime import distributed
+    from mtp_megatron.runtime.launch_env import LaunchEnv
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("device", i))
+
+    def init_process_group(**kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
+    cfg = build_config({}, {"distributed_timeout_minutes": 45})
+    with pytest.raises(_Stop):
+        distributed.initialize(cfg, LaunchEnv(local_rank, local_rank, 4, "127.0.0.1", 1))
+    distributed.strict_device.uninstall()
+    assert seen["device"] == expected and seen["backend"] == "nccl"
+    assert seen["timeout"] == datetime.timedelta(minutes=45)
+
+
+# --- audit 3: RNG states are device-specific -------------------------------------------
+
+class _FakeCudaTracker:
+    """Stands for megatron-core's CUDA tracker (not the CPU bridge's)."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def set_states(self, states):
+        self.loaded = states
+
+
+def _saved_state(tracker_device):
+    state = {"random": random.getstate(), "np": np.random.get_state(),
+             "torch": torch.get_rng_state(), "cuda": None, "tracker": {"model-parallel-rng": 1}}
+    if tracker_device is not None:
+        state["tracker_device"] = tracker_device
+    return state
+
+
+@pytest.fixture
+def rng_env(monkeypatch):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from mtp_megatron.checkpoint import dist_ckpt
+
+    tracker = _FakeCudaTracker()
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda: tracker)
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(dist_ckpt.dist, "get_rank", lambda: 0)
+    return dist_ckpt, tracker
+
+
+@pytest.mark.parametrize("saved", ["cpu", None])  # None: saved before the key existed
+def test_cpu_saved_rng_states_are_not_fed_to_the_cuda_tracker(rng_env, caplog, saved):
+    dist_ckpt, tracker = rng_env
+    state = _saved_state(saved)
+    expected_next = random.random()
+    random.seed(999)  # the host RNGs move on; loading must bring them back
+    with caplog.at_level(logging.WARNING, logger="mtp_megatron"):
+        dist_ckpt._set_rng_state([state], "ck/iter_0000010")
+    assert tracker.loaded is None
+    assert "saved its device RNG states on cpu, this run is on cuda" in caplog.text
+    assert "ck/iter_0000010" in caplog.text
+    assert random.random() == expected_next  # host states still restored
+
+
+def test_same_device_rng_states_load(rng_env):
+    dist_ckpt, tracker = rng_env
+    assert dist_ckpt._tracker_device() == "cuda"
+    dist_ckpt._set_rng_state([_saved_state("cuda")])
+    assert tracker.loaded == {"model-parallel-rng": 1}
+
+
+def test_cpu_bridge_tracker_is_recorded_as_cpu(monkeypatch):
+    from megatron.core import tensor_parallel
+
+    from mtp_megatron.checkpoint import dist_ckpt
+    from mtp_megatron.runtime.cpu_bridge import CpuRNGStatesTracker
+
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", CpuRNGStatesTracker)
+    assert dist_ckpt._tracker_device() == "cpu"
