@@ -145,3 +145,51 @@ def test_cpu_bridge_tracker_is_recorded_as_cpu(monkeypatch):
 
     monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", CpuRNGStatesTracker)
     assert dist_ckpt._tracker_device() == "cpu"
+
+
+# --- audit 8: timeout flag, FP8 shape rules at config time ----------------------------
+
+FP8 = ["--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--bf16",
+       "--num-layers", "2", "--hidden-size", "256", "--num-attention-heads", "4",
+       "--ffn-hidden-size", "1024", "--micro-batch-size", "1", "--global-batch-size", "8"]
+
+
+def _cfg(*argv, world=1):
+    from mtp_megatron.config import load_config
+
+    return load_config(list(argv), {"WORLD_SIZE": str(world)})[0]
+
+
+def _rejects(*argv, world=1):
+    from mtp_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _cfg(*argv, world=world)
+    return str(err.value)
+
+
+def test_distributed_timeout_flag():
+    assert _cfg().parallel.distributed_timeout_minutes == 10  # Megatron-LM's default
+    assert _cfg("--distributed-timeout-minutes", "60").parallel.distributed_timeout_minutes == 60
+    assert "--distributed-timeout-minutes" in _rejects("--distributed-timeout-minutes", "0")
+
+
+def test_fp8_tokens_per_rank_under_sequence_parallel():
+    sp = ["--tensor-model-parallel-size", "4", "--sequence-parallel"]
+    assert _cfg(*FP8, "--seq-length", "24").training.fp8_format == "hybrid"  # 24 % 8 == 0
+    assert _cfg(*FP8, *sp, "--seq-length", "64", world=4)  # 64 / 4 = 16 tokens per rank
+    msg = _rejects(*FP8, *sp, "--seq-length", "48", world=4)  # 12 per rank
+    assert "--seq-length=48" in msg and "--sequence-parallel" in msg and "32" in msg
+    assert "--seq-length" in _rejects(*FP8, "--seq-length", "20")  # 20 tokens
+    mx = _rejects(*FP8, "--fp8-recipe", "mxfp8", "--seq-length", "16")
+    assert "divisible by 32" in mx
+    assert _cfg("--tensor-model-parallel-size", "4", "--sequence-parallel",  # no FP8: no rule
+                "--seq-length", "48", world=4)
+
+
+def test_fp8_gemm_widths():
+    msg = _rejects(*FP8, "--seq-length", "64", "--ffn-hidden-size", "1000")
+    assert "--ffn-hidden-size=1000" in msg and "16" in msg
+    msg = _rejects(*FP8, "--seq-length", "64", "--hidden-size", "200",
+                   "--num-attention-heads", "4", "--ffn-hidden-size", "1024")
+    assert "--hidden-size=200" in msg
