@@ -14,7 +14,7 @@ set -euo pipefail
 MODE=${1:-}
 shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:25.04-py3}
+IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:25.11-py3}
 PIN=${MEGATRON_CORE_PIN:-megatron-core==0.16.1}
 # megatron-core without deps keeps the image's torch; our package in place, with pytest.
 INSIDE="pip install --quiet --no-deps '$PIN' && pip install --quiet --no-deps -e . \

@@ -19,7 +19,7 @@ import torch
 
 from mtp_megatron.runtime.strict_device import STRICT_ENV
 from tests.dist_utils import child_env
-from tests.functional.launcher import launch_env
+from tests.functional.launcher import ROOT, launch_env
 
 # --- audit 2: CPU tiers take the CPU path on a GPU machine -------------------------------
 
@@ -193,3 +193,31 @@ def test_fp8_gemm_widths():
     msg = _rejects(*FP8, "--seq-length", "64", "--hidden-size", "200",
                    "--num-attention-heads", "4", "--ffn-hidden-size", "1024")
     assert "--hidden-size=200" in msg
+
+
+def test_te_extra_is_the_range_megatron_core_pins():
+    import re
+    from importlib.metadata import requires
+
+    ours = open(os.path.join(ROOT, "setup.py")).read()
+    te_extra = re.search(r'"te": \["transformer_engine\[pytorch\]([^"]*)"\]', ours).group(1)
+    from packaging.requirements import Requirement
+
+    mcore = next(Requirement(r) for r in requires("megatron-core")
+                 if r.startswith("transformer-engine"))
+    assert Requirement("transformer_engine" + te_extra).specifier == mcore.specifier
+
+
+def test_one_ngc_image_tag_everywhere():
+    import re
+
+    tags = {}
+    for folder in ("scripts", "launch", "docs", "tests", "."):
+        base = os.path.join(ROOT, folder)
+        for name in os.listdir(base):
+            path = os.path.join(base, name)
+            if os.path.isfile(path) and name.endswith((".sh", ".sbatch", ".md", ".py")) \
+                    or name == "Makefile":
+                for tag in re.findall(r"nvidia/pytorch:(\d\d\.\d\d)-py3", open(path).read()):
+                    tags.setdefault(tag, []).append(os.path.relpath(path, ROOT))
+    assert len(tags) == 1, tags
