@@ -254,6 +254,8 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     if load_optim:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(common["opt_param_scheduler"])
+    else:  # bf16/fp16: the fp32 main copies still hold the initial weights (Megatron-LM's fix)
+        state.optimizer.reload_model_params()
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
