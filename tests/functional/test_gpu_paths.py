@@ -4,7 +4,8 @@
 
 One GPU: train + evaluate + save, resume, --exit-interval, SIGTERM (save, exit 0, resume),
 NaN stop/skip, fp16 with loss scaling, generation from the checkpoint. Two or more GPUs
-(skipped with fewer): TP2 + sequence parallel, DP2 + distributed optimizer, PP2; four:
+(skipped with fewer): TP2 + sequence parallel + distributed optimizer, DP2 + distributed
+optimizer, PP2; four:
 TP2 x PP2 with the interleaved (virtual pipeline) schedule. Every case asserts its
 outcome; none of them can run on the CPU-only machines these tests were written on.
 """
@@ -140,7 +141,8 @@ def test_generation_from_a_gpu_checkpoint(smoke):
 
 
 MULTI_GPU = {  # name: (GPUs, extra flags)
-    "tp2_sp_mtp2": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp2_sp_distopt_mtp2": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                "--use-distributed-optimizer"]),
     "dp2_distopt_mtp2": (2, ["--use-distributed-optimizer"]),
     "pp2_mtp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "tp2_dp2_sp_distopt_mtp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",

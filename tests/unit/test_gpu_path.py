@@ -221,3 +221,32 @@ def test_one_ngc_image_tag_everywhere():
                 for tag in re.findall(r"nvidia/pytorch:(\d\d\.\d\d)-py3", open(path).read()):
                     tags.setdefault(tag, []).append(os.path.relpath(path, ROOT))
     assert len(tags) == 1, tags
+
+
+# --- section 4: make gpu-check ----------------------------------------------------------
+
+def test_gpu_check_is_its_own_make_target_not_part_of_make_test():
+    import re
+
+    make = open(os.path.join(ROOT, "Makefile")).read()
+    assert re.search(r"^gpu-check:\n\tscripts/gpu_check.sh", make, re.M)
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", make, re.M).group(1)
+    assert "gpu" not in test_recipe
+
+
+def test_gpu_check_refuses_a_machine_without_gpu_and_writes_its_report(tmp_path):
+    import subprocess
+    import sys
+
+    env = child_env()  # CUDA hidden: this is the CPU machine's answer
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")],
+                          env=dict(env, MTP_PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"),
+                           "--only", "env,benchmark", "--out", str(tmp_path)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = (tmp_path / "report.md").read_text()
+    assert done.returncode == 1  # "NO GPU" is a failed check
+    assert "| env | NO GPU |" in report and "torch: " in report
+    assert "| benchmark |" in report
