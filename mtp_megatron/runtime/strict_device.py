@@ -31,6 +31,7 @@ from torch.utils._device import _device_constructors
 
 STRICT_ENV = "MTP_MEGATRON_STRICT_DEVICE"
 PACKAGE = "mtp_megatron"
+FORWARDER = "mtp_megatron.runtime.cpu_bridge"  # its _CpuTorch factories serve megatron-core
 
 _mode: Optional["PackageDefaultMeta"] = None
 
@@ -45,10 +46,22 @@ class PackageDefaultMeta(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _device_constructors() and kwargs.get("device") is None:
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller == PACKAGE or caller.startswith(PACKAGE + "."):
+            if _is_package(_caller()):
                 kwargs["device"] = "meta"
         return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """Module of the code that called the factory, looking through the CPU bridge's
+    forwarding wrappers (they call torch on megatron-core's behalf)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == FORWARDER:
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
+def _is_package(module: str) -> bool:
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
 
 
 def install() -> None:

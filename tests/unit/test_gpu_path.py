@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mtp_megatron.runtime.strict_device import STRICT_ENV
-from tests.dist_utils import child_env
+from tests.dist_utils import child_env, spawn
 from tests.functional.launcher import ROOT, launch_env
 
 # --- audit 2: CPU tiers take the CPU path on a GPU machine -------------------------------
@@ -250,3 +250,36 @@ def test_gpu_check_refuses_a_machine_without_gpu_and_writes_its_report(tmp_path)
     assert done.returncode == 1  # "NO GPU" is a failed check
     assert "| env | NO GPU |" in report and "torch: " in report
     assert "| benchmark |" in report
+
+
+# --- bf16 weights loaded without their optimizer state (the same bug as audit 9) -------
+
+def _load_without_optimizer(rank, world_size, out):
+    import dataclasses
+
+    from mtp_megatron.checkpoint import load_checkpoint
+    from tests.reference.harness import finish, make_trainer, tiny_config
+
+    common = dict(bf16=True, num_layers=2, mtp_num_layers=1, save=os.path.join(out, "ck"))
+    saver = make_trainer(tiny_config(1, out, **common))
+    saver.train_step()
+    saver.save()
+    finish(saver)
+    cfg = tiny_config(1, out, seed=4321, **common)  # another initialisation
+    trainer = make_trainer(cfg)
+    ckpt = dataclasses.replace(cfg.checkpoint, no_load_optim=True)
+    load_checkpoint(trainer.state, os.path.join(out, "ck"), checkpoint=ckpt)
+    gaps = []
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+            for param, main in zip(model_group, main_group):
+                gaps.append((param.float() - main).abs().max().item())
+    finish(trainer)
+    return gaps
+
+
+def test_bf16_load_without_optimizer_refreshes_the_main_params(tmp_path):
+    """--no-load-optim/--finetune under bf16: the optimizer's fp32 main copies must be the
+    loaded weights, or its first step writes the initial weights back (the old code)."""
+    gaps = spawn(1, _load_without_optimizer, str(tmp_path))[0]
+    assert gaps and max(gaps) == 0.0, max(gaps)
