@@ -260,12 +260,14 @@ def _load_without_optimizer(rank, world_size, out):
     from mtp_megatron.checkpoint import load_checkpoint
     from tests.reference.harness import finish, make_trainer, tiny_config
 
-    common = dict(bf16=True, num_layers=2, mtp_num_layers=1, save=os.path.join(out, "ck"))
+    common = dict(num_layers=2, mtp_num_layers=1, save=os.path.join(out, "ck"))
+    # Saved in fp32 (a bf16 save without the distributed optimizer fails on CPU, see the
+    # report), loaded into a bf16 run with another initialisation.
     saver = make_trainer(tiny_config(1, out, **common))
     saver.train_step()
     saver.save()
     finish(saver)
-    cfg = tiny_config(1, out, seed=4321, **common)  # another initialisation
+    cfg = tiny_config(1, out, seed=4321, bf16=True, num_layers=2, mtp_num_layers=1)
     trainer = make_trainer(cfg)
     ckpt = dataclasses.replace(cfg.checkpoint, no_load_optim=True)
     load_checkpoint(trainer.state, os.path.join(out, "ck"), checkpoint=ckpt)
