@@ -47,3 +47,11 @@ clean:
 .PHONY: compare
 compare: venv
 	$(BIN)/python -m mtp_megatron.experiments.compare $(COMPARE_ARGS)
+
+# GPU validation, never part of `make test`: GPU-marked tests, every examples/*.yaml
+# trained a few iterations, bf16 vs FP8 loss curves (MTP D=1/D=2), TP2/PP2 with >= 2 GPUs,
+# the throughput benchmark; writes runs/gpu-check/report.md. On a GPU node (any Python
+# with CUDA torch: MTP_PYTHON=...); in the NGC image: scripts/ngc_tests.sh docker gpu-check
+.PHONY: gpu-check
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)

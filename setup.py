@@ -32,7 +32,9 @@ setup(
         # Transformer Engine's PyTorch extension builds from source against the local
         # CUDA toolkit: GPU machines only. NVIDIA apex is never a dependency (the PyPI
         # package of that name is unrelated); it is detected at run time in NGC images.
-        "te": ["transformer_engine[pytorch]"],
+        # The range megatron-core 0.16.1 is tested with (its own "dev" extra pins
+        # transformer-engine>=2.9.0a0,<2.12.0); NGC pytorch:25.11-py3 ships one in it.
+        "te": ["transformer_engine[pytorch]>=2.9.0a0,<2.12.0"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],  # python -m mtp_megatron.plot, benchmarks/*.py

@@ -5,6 +5,7 @@
 #   scripts/ngc_tests.sh docker [pytest args]     # a workstation/node with Docker + GPUs
 #   scripts/ngc_tests.sh srun [pytest args]       # a SLURM cluster with pyxis/enroot
 #   salloc -N1 --gpus-per-node=8 scripts/ngc_tests.sh srun -m gpu   # GPU tests only
+#   scripts/ngc_tests.sh docker gpu-check [--only tests,fp8]        # make gpu-check inside
 #
 # Environment: MTP_IMAGE (default below; docker spells it nvcr.io/..., pyxis
 # nvcr.io#...), MEGATRON_CORE_PIN (default megatron-core==0.16.1), SRUN_ARGS (extra srun
@@ -14,11 +15,18 @@ set -euo pipefail
 MODE=${1:-}
 shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:25.04-py3}
+IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:25.11-py3}
 PIN=${MEGATRON_CORE_PIN:-megatron-core==0.16.1}
 # megatron-core without deps keeps the image's torch; our package in place, with pytest.
+# `gpu-check` as the first argument runs scripts/gpu_check.sh (make gpu-check) instead.
+if [[ "${1:-}" == gpu-check ]]; then
+    shift
+    RUN="MTP_PYTHON=python scripts/gpu_check.sh $(printf '%q ' "$@")"
+else
+    RUN="python -m pytest -v -rs $(printf '%q ' "$@")"
+fi
 INSIDE="pip install --quiet --no-deps '$PIN' && pip install --quiet --no-deps -e . \
-&& pip install --quiet pytest pyyaml && python -m pytest -v -rs $(printf '%q ' "$@")"
+&& pip install --quiet pytest pyyaml psutil && $RUN"
 
 case $MODE in
     docker)

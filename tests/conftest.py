@@ -4,6 +4,12 @@
 ``gpu`` markers. A test that starts a process (``subprocess``, ``multiprocessing``:
 spawned ranks, torchrun, scripts) must carry ``multirank`` or ``functional``: here any
 other test that tries fails at once, naming the marker to add.
+
+Every process a test starts runs in strict device mode (``MTP_MEGATRON_STRICT_DEVICE=1``:
+package tensors made without ``device=`` are on ``meta``, see
+``mtp_megatron/runtime/strict_device.py``). Tests not marked ``gpu`` hide CUDA from the
+processes they start (``CUDA_VISIBLE_DEVICES=""``, set before each such test), so on a
+GPU machine the CPU tiers still take the gloo path; ``gpu`` tests see the GPUs.
 """
 
 import contextlib
@@ -20,9 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from mtp_megatron.runtime.strict_device import STRICT_ENV  # noqa: E402
+
 warnings.filterwarnings("ignore", category=UserWarning)
 
 SPAWNING_MARKERS = ("multirank", "functional")
+os.environ[STRICT_ENV] = "1"
+_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the user started pytest
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,9 @@
     assert spawn(2, _body, 10) == [0, 10]
 
 Each rank gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK in its environment;
-an exception on any rank fails the caller with that rank's traceback.
+an exception on any rank fails the caller with that rank's traceback. Ranks of CPU tests
+see no GPU (``CUDA_VISIBLE_DEVICES=""``, so a GPU machine runs them on gloo too) and run
+in strict device mode (:func:`child_env`); ``spawn(..., gpu=True)`` for GPU-marked tests.
 """
 
 from __future__ import annotations
@@ -15,12 +17,31 @@ import multiprocessing as mp
 import os
 import pickle
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 from mtp_megatron.runtime.launch_env import free_port
+from mtp_megatron.runtime.strict_device import STRICT_ENV
 
 
-def _entry(fn, rank, world_size, port, args, queue):
+def child_env(base: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dict[str, str]:
+    """The environment for a process a test starts: strict device mode always; CUDA
+    hidden unless ``gpu`` (a CPU test must take the gloo path on a GPU machine too)."""
+    env = dict(os.environ if base is None else base)
+    env[STRICT_ENV] = "1"
+    if gpu:
+        if env.get("CUDA_VISIBLE_DEVICES") == "":
+            env.pop("CUDA_VISIBLE_DEVICES")  # hidden for the CPU tests, see conftest.py
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+
+
+def _entry(fn, rank, world_size, port, args, queue, gpu=False):
+    env = child_env(gpu=gpu)  # before CUDA is first touched in this process
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
@@ -35,12 +56,13 @@ def _entry(fn, rank, world_size, port, args, queue):
         queue.put((rank, False, traceback.format_exc()))
 
 
-def spawn(world_size: int, fn: Callable, *args: Any, timeout: float = 600) -> List[Any]:
+def spawn(world_size: int, fn: Callable, *args: Any, timeout: float = 600,
+          gpu: bool = False) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue))
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue, gpu))
              for r in range(world_size)]
     for p in procs:
         p.start()

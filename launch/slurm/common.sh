@@ -25,7 +25,7 @@ set -euo pipefail
 
 # NGC PyTorch: CUDA, NCCL, Transformer Engine and NVIDIA apex. pyxis spells the
 # registry separator '#'.
-MTP_IMAGE=${MTP_IMAGE:-nvcr.io#nvidia/pytorch:25.04-py3}
+MTP_IMAGE=${MTP_IMAGE:-nvcr.io#nvidia/pytorch:25.11-py3}
 MTP_RUNS=${MTP_RUNS:-$MTP_REPO/runs/slurm}
 MTP_SETUP=${MTP_SETUP:-1}
 MTP_REQUEUE=${MTP_REQUEUE:-1}

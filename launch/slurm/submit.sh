@@ -4,7 +4,7 @@
 #
 #   launch/slurm/submit.sh --nodes 128 --gpus-per-node 8 --config my.yaml --plan-only
 #   launch/slurm/submit.sh --mode srun --nodes 128 --gpus-per-node 8 --config my.yaml \
-#       --image nvcr.io#nvidia/pytorch:25.04-py3 --mounts /data:/data --chain 4 \
+#       --image nvcr.io#nvidia/pytorch:25.11-py3 --mounts /data:/data --chain 4 \
 #       -- --train-iters 100000 --bf16
 #
 # Flags after "--" go to the launcher. --chain K submits K jobs of one name with

@@ -46,6 +46,7 @@ from mtp_megatron.checkpoint.layout import (
     write_tracker,
 )
 from mtp_megatron.checkpoint.processes import no_orphan_writers
+from mtp_megatron.runtime import comm
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -93,9 +94,7 @@ def _inject(phase: str, iteration: int) -> None:
 
 def from_rank0(text: Optional[str]) -> Optional[str]:
     """Rank 0's ``text`` on every rank (a collective: every rank must call it)."""
-    message = [text]
-    dist.broadcast_object_list(message, src=0)
-    return message[0]
+    return comm.broadcast_object(text, src=0)
 
 
 def _fsync_dir(path: str) -> None:

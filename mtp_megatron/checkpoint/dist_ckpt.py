@@ -71,6 +71,7 @@ from mtp_megatron.checkpoint.layout import (
     resolve_load_dir,
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
+from mtp_megatron.runtime import comm, cpu_bridge
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -212,6 +213,13 @@ _PARAM_STATE_LOADERS = {
 }
 
 
+def _tracker_device() -> str:
+    """Whose generator states the model-parallel RNG tracker holds: "cuda" (megatron-core's
+    CUDA tracker) or "cpu" (the CPU bridge's); the two are not interchangeable."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return "cpu" if isinstance(tracker, cpu_bridge.CpuRNGStatesTracker) else "cuda"
+
+
 def _rng_state() -> ShardedObject:
     """This rank's RNG states, gathered over DP and stored per (PP, TP) rank (Megatron's way)."""
     state = {
@@ -220,10 +228,9 @@ def _rng_state() -> ShardedObject:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker_device": _tracker_device(),
     }
-    dp_size = parallel_state.get_data_parallel_world_size()
-    states = [None] * dp_size
-    dist.all_gather_object(states, state, group=parallel_state.get_data_parallel_group())
+    states = comm.all_gather_object(state, group=parallel_state.get_data_parallel_group())
     pp, tp = (parallel_state.get_pipeline_model_parallel_rank(),
               parallel_state.get_tensor_model_parallel_rank())
     pp_size, tp_size = (parallel_state.get_pipeline_model_parallel_world_size(),
@@ -232,11 +239,23 @@ def _rng_state() -> ShardedObject:
                          replica_id=parallel_state.get_data_parallel_rank())
 
 
-def _set_rng_state(states: List[Dict[str, Any]]) -> None:
+def _set_rng_state(states: List[Dict[str, Any]], directory: str = "") -> None:
+    """Restore this rank's RNG states. The host generators (python, numpy, torch CPU)
+    always load; the CUDA generator and the model-parallel tracker only on the device
+    type that saved them (a CPU-saved checkpoint resumed on a GPU keeps this run's
+    freshly seeded device streams, with a warning, like a layout change)."""
     state = states[parallel_state.get_data_parallel_rank()]
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
+    saved = state.get("tracker_device", "cpu")  # checkpoints before this key: CPU only
+    here = _tracker_device()
+    if saved != here:
+        if dist.get_rank() == 0:
+            logger.warning("%s saved its device RNG states on %s, this run is on %s: CUDA and "
+                           "model-parallel RNG states not loaded (host RNG states are)",
+                           directory or "the checkpoint", saved, here)
+        return
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -340,9 +359,7 @@ def _describe(error: Optional[BaseException]) -> str:
 
 def _agree(ok: bool) -> bool:
     """True on every rank only if ``ok`` on every rank (so no rank hangs alone)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
+    return comm.all_ranks(ok)
 
 
 def _read_common(directory: str) -> Dict[str, Any]:
@@ -430,7 +447,7 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:
-            _set_rng_state(rng)
+            _set_rng_state(rng, directory)
         else:
             logger.warning("%s was saved with layout %s, this run is %s: RNG states not loaded",
                            directory, common.get("layout"), _layout(state.cfg))

@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 
 from mtp_megatron.checkpoint.layout import CheckpointError, restore_replaced
+from mtp_megatron.runtime import comm
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -176,8 +177,7 @@ def acquire_on_rank0(save_dir: Optional[str]) -> Optional[SaveLock]:
             error = str(exc)
         except OSError as exc:
             error = f"--save {save_dir}: cannot create the lock file ({exc})"
-    message = [error]
-    dist.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise CheckpointError(message[0])
+    error = comm.broadcast_object(error, src=0)
+    if error:
+        raise CheckpointError(error)
     return lock

@@ -46,6 +46,10 @@ class ParallelConfig:
     world_size: Optional[int] = option(
         None, "World size (default: from the launcher; set it for --dry-run).", type=int
     )
+    distributed_timeout_minutes: int = option(
+        10, "Timeout of collectives (NCCL/gloo), in minutes: raise it when rank 0 builds a "
+        "large dataset index while the others wait.", type=int
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -55,6 +59,7 @@ class ParallelConfig:
         check_int("--num-layers-per-virtual-pipeline-stage",
                   self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
         check_int("--world-size", self.world_size, 1, allow_none=True)
+        check_int("--distributed-timeout-minutes", self.distributed_timeout_minutes, 1)
         check_int("--ddp-bucket-size", self.ddp_bucket_size, 1, allow_none=True)
         if self.ddp_bucket_size and not self.overlap_grad_reduce:
             logger.warning("--ddp-bucket-size has no effect without --overlap-grad-reduce "

@@ -125,6 +125,46 @@ class RunConfig:
                 "--fp8-format", train.fp8_format,
                 "only with --transformer-impl transformer_engine",
             )
+        if train.fp8_format:
+            self._check_fp8_shapes()
+
+    def _check_fp8_shapes(self) -> None:
+        """Transformer Engine's FP8 GEMM rule (``assert_dim_for_fp8_exec``): each linear
+        layer's input has rows (tokens on this rank) divisible by 8 and columns divisible
+        by 16 (32 for every dimension with --fp8-recipe mxfp8, its block size). Under
+        --sequence-parallel the layer-norm linears see s/TP tokens before the all-gather.
+        """
+        model, par, train = self.model, self.parallel, self.training
+        tp, cp, sp = (par.tensor_model_parallel_size, par.context_parallel_size,
+                      par.sequence_parallel)
+        rows, cols = (32, 32) if train.fp8_recipe == "mxfp8" else (8, 16)
+        tokens = model.seq_length * train.micro_batch_size
+        split = cp * (tp if sp else 1)
+        if tokens % (split * rows):
+            where = " x ".join(["--context-parallel-size"] * (cp > 1)
+                               + ["--tensor-model-parallel-size (--sequence-parallel)"] * sp)
+            raise ConfigError(
+                "--seq-length", model.seq_length,
+                f"--seq-length x --micro-batch-size = {tokens} tokens per microbatch divisible "
+                f"by {split * rows} (FP8 GEMMs need a multiple of {rows} tokens per rank"
+                + (f", after dividing by {where}" if split > 1 else "") + ")",
+                f"--fp8-format {train.fp8_format}",
+            )
+        kv = model.hidden_size // model.num_attention_heads
+        widths = [  # (flag, its value, what the GEMM sees per rank, that width)
+            ("--hidden-size", model.hidden_size, "--hidden-size", model.hidden_size),
+            ("--hidden-size", model.hidden_size, "--hidden-size / TP", model.hidden_size // tp),
+            ("--ffn-hidden-size", model.ffn_size, "--ffn-hidden-size / TP", model.ffn_size // tp),
+            ("--num-query-groups", model.query_groups, "--num-query-groups x head dim / TP",
+             model.query_groups * kv // tp),
+        ]
+        for flag, value, what, width in widths:
+            if width % cols:
+                raise ConfigError(
+                    flag, value, f"a value that makes {what} (now {width}) divisible by {cols}",
+                    f"an FP8 GEMM dimension under --fp8-format {train.fp8_format} "
+                    f"--fp8-recipe {train.fp8_recipe}",
+                )
 
     def _check_recompute(self) -> None:
         """Recompute against the layer split, and what megatron-core 0.16.1 does with the

@@ -228,9 +228,9 @@ class Placeholder:
 
     def __init__(self, seq_length: int, length: int):
         self.length = max(1, length)
-        zeros = torch.zeros(seq_length, dtype=torch.long)
+        zeros = torch.zeros(seq_length, dtype=torch.long, device="cpu")  # host batches
         self.sample = {"tokens": zeros, "labels": zeros, "loss_mask": zeros.float(),
-                       "position_ids": torch.arange(seq_length)}
+                       "position_ids": torch.arange(seq_length, device="cpu")}
 
     def __len__(self) -> int:
         return self.length

@@ -115,7 +115,7 @@ def full_weights(chunks, attr: Optional[str] = None) -> Dict[str, torch.Tensor]:
         if local is None:
             continue
         if sh.key not in full:
-            full[sh.key] = torch.zeros(sh.global_shape, dtype=torch.float32)
+            full[sh.key] = torch.zeros(sh.global_shape, dtype=torch.float32, device="cpu")
             covered[sh.key] = 0
         full[sh.key][local_slice(sh)] = local.detach().float().cpu()
         covered[sh.key] += local.numel()

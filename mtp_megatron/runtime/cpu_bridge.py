@@ -86,7 +86,8 @@ def _cuda_type_name(self, *args, **kwargs):
     """``Tensor.type()`` that names a CPU tensor as its CUDA twin (used only inside
     the megatron-core functions that assert on CUDA type names)."""
     name = _ORIG_TENSOR_TYPE(self, *args, **kwargs)
-    if not args and not kwargs and self.device.type == "cpu":
+    # Idempotent: under a torch function mode the original method dispatches back here.
+    if not args and not kwargs and self.device.type == "cpu" and ".cuda." not in name:
         return name.replace("torch.", "torch.cuda.", 1)
     return name
 

@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from mtp_megatron.data.iterator import GlobalBatchSampler
+from mtp_megatron.runtime import comm
 from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
@@ -60,13 +61,11 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     local = torch.argmax(logits, dim=-1)
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return local
-    size, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    rank = dist.get_rank(tp_group)
     best = torch.gather(logits, -1, local.unsqueeze(-1)).squeeze(-1).float()
     ids = local + rank * logits.size(-1)
-    all_best = [torch.empty_like(best) for _ in range(size)]
-    all_ids = [torch.empty_like(ids) for _ in range(size)]
-    dist.all_gather(all_best, best.contiguous(), group=tp_group)
-    dist.all_gather(all_ids, ids.contiguous(), group=tp_group)
+    all_best = comm.all_gather(best, group=tp_group)
+    all_ids = comm.all_gather(ids, group=tp_group)
     winner = torch.argmax(torch.stack(all_best), dim=0)  # first max: the lowest rank
     return torch.gather(torch.stack(all_ids), 0, winner.unsqueeze(0)).squeeze(0)
 
@@ -257,7 +256,7 @@ class Evaluator:
         if not self.on_last_stage:
             return None
         total = self.stats.clone()  # every last-stage rank ran >= 1 microbatch
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        comm.all_reduce(total, group=parallel_state.get_data_parallel_group())
         metrics = summarize(total.cpu())
         if self.is_logging_rank:
             logger.info(format_line(iteration, metrics))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_megatron.config import CheckpointConfig
+from mtp_megatron.runtime import comm
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
 
@@ -38,14 +39,10 @@ INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
 NONFINITE, SIGNAL, MINUTES, STOP = range(4)
 
 
-def _all_reduce_max(tensor: torch.Tensor) -> None:
-    """The one collective of this module (every rank, default group, in place)."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-
-
 def agree(local: torch.Tensor) -> List[float]:
-    """MAX of ``local`` (a small float tensor) over all ranks, as Python floats."""
-    _all_reduce_max(local)
+    """MAX of ``local`` (a small float tensor on the comm device) over all ranks, as Python
+    floats: the one collective of this module (every rank, default group)."""
+    comm.all_reduce(local, op="max")
     return local.tolist()
 
 

@@ -28,6 +28,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from mtp_megatron.runtime import comm
+
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """One microbatch's lm loss as ``(loss_sum, num_tokens, {"lm loss": [sum, count]})``."""
@@ -64,7 +66,7 @@ def step_loss_sums(reports: List[Dict[str, torch.Tensor]]) -> Optional[torch.Ten
 
 def _all_reduce_sum_dp(tensor: torch.Tensor) -> None:
     """Sum over the data-parallel group, in place (the lm loss's only collective)."""
-    torch.distributed.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    comm.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
 
 
 @dataclass

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from tests.dist_utils import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py")
 
@@ -37,9 +39,20 @@ class Run:
                 f"\nstderr:\n{self.stderr[-3000:]}")
 
 
+def launch_env(env: Optional[Dict[str, str]] = None, *, gpu: bool = False) -> Dict[str, str]:
+    """The launched processes' environment: CUDA hidden unless ``gpu`` (so the CPU tiers
+    take the gloo path on a GPU machine too), strict device mode, one thread each."""
+    full_env = child_env(gpu=gpu)
+    full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return full_env
+
+
 def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bool = True,
-           env: Optional[Dict[str, str]] = None, timeout: float = 600) -> Run:
-    """``torchrun --nproc-per-node N launch/pretrain_gpt_mtp.py ARGS --output-dir DIR``."""
+           env: Optional[Dict[str, str]] = None, timeout: float = 600, gpu: bool = False) -> Run:
+    """``torchrun --nproc-per-node N launch/pretrain_gpt_mtp.py ARGS --output-dir DIR``.
+
+    ``gpu=True`` only from GPU-marked tests: the others run with CUDA hidden."""
     if torchrun:
         # --standalone: torchrun picks a free port for its own rendezvous (no races).
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -47,8 +60,6 @@ def launch(args: Sequence[str], *, output_dir: str, nproc: int = 1, torchrun: bo
     else:
         cmd = [sys.executable, LAUNCHER]
     cmd += list(args) + ["--output-dir", output_dir]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    full_env.update(env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=full_env)
+                          env=launch_env(env, gpu=gpu))
     return Run(proc.returncode, proc.stdout, proc.stderr, output_dir)

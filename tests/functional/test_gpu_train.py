@@ -23,7 +23,7 @@ def test_bf16_mtp2_trains_on_one_gpu(impl, tmp_path):
         pytest.skip("Transformer Engine is not installed")
     run = launch(TINY + ["--mock-data", "--mtp-num-layers", "2", "--bf16", "--train-iters", "30",
                          "--transformer-impl", impl, "--eval-iters", "2"],
-                 output_dir=str(tmp_path), nproc=1)
+                 output_dir=str(tmp_path), nproc=1, gpu=True)
     assert run.returncode == 0, run
     rows = run.metrics()
     assert rows[-1]["lm loss"] < rows[0]["lm loss"] - 1.0
@@ -34,6 +34,7 @@ def test_nccl_data_parallel_when_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     run = launch(TINY + ["--mock-data", "--mtp-num-layers", "1", "--train-iters", "20",
-                         "--eval-iters", "2"], output_dir=str(tmp_path), nproc=2)
+                         "--eval-iters", "2"], output_dir=str(tmp_path), nproc=2,
+                 gpu=True)
     assert run.returncode == 0, run
     assert run.metrics()[-1]["lm loss"] < run.metrics()[0]["lm loss"]

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SLURM_DIR = os.path.join(ROOT, "launch", "slurm")
 SCRIPTS = sorted(glob.glob(os.path.join(SLURM_DIR, "*"))) + [
     os.path.join(ROOT, "scripts", "ngc_tests.sh")]
-IMAGE = "nvcr.io#nvidia/pytorch:25.04-py3"
+IMAGE = "nvcr.io#nvidia/pytorch:25.11-py3"
 
 STUB = r'''#!{python}
 import json, os, signal, sys, time
