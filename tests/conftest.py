@@ -70,8 +70,19 @@ def _processes_refused(item):
         subprocess.Popen, multiprocessing.process.BaseProcess.start = saved
 
 
+def _hide_cuda_unless_gpu(item) -> None:
+    """Before the test's fixtures start anything: hide CUDA unless it is a gpu test."""
+    if "gpu" not in item.keywords:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif _VISIBLE is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _VISIBLE
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
+    _hide_cuda_unless_gpu(item)  # a hook wrapper runs before any fixture is set up
     with _processes_refused(item):
         yield
 

@@ -164,7 +164,7 @@ def _prepare_distributed_optimizer_for_load(optimizer) -> None:
             sub.init_state_fn(inner, sub.config)
             for group in inner.param_groups:
                 for param in group["params"]:
-                    inner.state[param]["step"] = torch.tensor(0.0)
+                    inner.state[param]["step"] = torch.tensor(0.0, device="cpu")
 
 
 def _load_optimizer(optimizer, state_dict) -> None:

@@ -20,7 +20,7 @@ import torch
 
 
 def _as_tensor(value) -> torch.Tensor:
-    return value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+    return value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value), device="cpu")
 
 
 def collate(samples: Sequence[Dict[str, object]]) -> Dict[str, torch.Tensor]:

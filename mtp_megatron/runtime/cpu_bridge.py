@@ -189,7 +189,8 @@ def install() -> bool:
     # Activation recompute (`tensor_parallel.checkpoint`) saves and restores the CPU
     # generator, the tracker's states and "the CUDA generator"; without CUDA there is
     # none (dropout draws from the CPU generator, already saved), so that part is empty.
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(
+        0, dtype=torch.uint8, device="cpu")
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     # Grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`, and the

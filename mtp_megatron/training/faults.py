@@ -150,7 +150,7 @@ def checked_optimizer_step(optimizer, *, iteration: int, loss_sums: Optional[tor
     if grad_norm is not None and not math.isfinite(grad_norm):
         local[NONFINITE] = 1.0
     flags, reasons = exit_conditions.local(iteration)
-    local[SIGNAL:] = torch.tensor(flags, dtype=torch.float64).to(device)
+    local[SIGNAL:] = torch.tensor(flags, dtype=torch.float64, device=device)
     agreed = agree(local)
     stop = exit_conditions.decide(agreed[STOP], reasons)
     if agreed[NONFINITE]:

@@ -209,7 +209,9 @@ def _strict_rank(rank, world_size):
     # The new code under the same strict mode: agreement across ranks.
     out["new_any"] = comm.any_rank(rank == 1)
     out["new_all"] = comm.all_ranks(rank == 1)
-    out["new_finite"] = faults.step_is_finite([], [], iteration=1, check_grads=False)
+    # the hot loop's one agreement (NaN flag + exit flags), on the comm device
+    flags = torch.tensor([float(rank == 1), 0.0], dtype=torch.float64, device=comm.device_of())
+    out["new_finite"] = faults.agree(flags) == [1.0, 0.0]
     exit_cfg = CheckpointConfig(exit_interval=4)
     out["new_exit"] = [faults.ExitConditions(exit_cfg).check(i) for i in (3, 4)]
     out["max"] = comm.reduce_values([rank, -rank], op="max")
@@ -232,12 +234,14 @@ def strict():
     return spawn(2, _strict_rank)
 
 
+@pytest.mark.multirank
 def test_test_ranks_hide_cuda_and_run_strict(strict):
     for r in strict:
         assert r["env"] == ("", "1") and not r["cuda"]
         assert r["device"] == "cpu" and r["strict"]
 
 
+@pytest.mark.multirank
 def test_strict_mode_turns_the_old_faults_code_into_the_nccl_failure(strict):
     for r in strict:
         for error in r["old_strict"]:  # c10d's meta kernels pass the collective itself;
@@ -246,6 +250,7 @@ def test_strict_mode_turns_the_old_faults_code_into_the_nccl_failure(strict):
         assert "No backend type associated with device type cpu" in r["old_cuda_like"]
 
 
+@pytest.mark.multirank
 def test_strict_mode_touches_only_package_code(strict):
     for r in strict:
         assert r["test_tensor_device"] == "cpu"
@@ -254,6 +259,7 @@ def test_strict_mode_touches_only_package_code(strict):
         assert "MTP_MEGATRON_STRICT_DEVICE" in r["comm_rejects_meta"]
 
 
+@pytest.mark.multirank
 def test_comm_helpers_agree_over_ranks_under_strict_mode(strict):
     for r in strict:
         assert r["new_any"] is True and r["new_all"] is False and r["new_finite"] is True

@@ -234,6 +234,7 @@ def test_gpu_check_is_its_own_make_target_not_part_of_make_test():
     assert "gpu" not in test_recipe
 
 
+@pytest.mark.functional
 def test_gpu_check_refuses_a_machine_without_gpu_and_writes_its_report(tmp_path):
     import subprocess
     import sys
@@ -280,6 +281,7 @@ def _load_without_optimizer(rank, world_size, out):
     return gaps
 
 
+@pytest.mark.multirank
 def test_bf16_load_without_optimizer_refreshes_the_main_params(tmp_path):
     """--no-load-optim/--finetune under bf16: the optimizer's fp32 main copies must be the
     loaded weights, or its first step writes the initial weights back (the old code)."""
