@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import subprocess
 import sys
 from typing import Dict, List
@@ -44,21 +43,9 @@ def train(depth: int, out_dir: str, iters: int) -> str:
 
 def corpus_prompts(count: int, length: int, seed: int) -> List[str]:
     """``count`` snippets of ``length`` bytes starting at a line of a stdlib file."""
-    from mtp_megatron.data.corpus import stdlib_files
+    from mtp_megatron.data.corpus import corpus_snippets, stdlib_files
 
-    rng = random.Random(seed)
-    files = sorted(stdlib_files())
-    prompts = []
-    while len(prompts) < count:
-        with open(rng.choice(files), "rb") as fh:
-            lines = fh.read().splitlines(keepends=True)
-        if len(lines) < 20:
-            continue
-        start = rng.randrange(len(lines) - 10)
-        text = b"".join(lines[start:start + 10])[:length].decode("utf-8", "ignore")
-        if len(text.strip()) >= length // 2:
-            prompts.append(text)
-    return prompts
+    return corpus_snippets(sorted(stdlib_files()), count, length, seed)
 
 
 def measure(load: str, prompts: List[str], max_new_tokens: int) -> Dict:

@@ -85,3 +85,21 @@ def ensure_stdlib_corpus(cache_dir: Optional[str] = None) -> str:
 
 def _complete(prefix: str) -> bool:
     return all(os.path.exists(prefix + s) for s in (".bin", ".idx", ".meta.json"))
+
+
+def corpus_snippets(files: List[str], count: int, length: int, seed: int) -> List[str]:
+    """``count`` prompts of ``length`` bytes, each starting at a line of one of ``files``
+    (chosen with ``random.Random(seed)``); files too short for a snippet are skipped."""
+    rng = random.Random(seed)
+    prompts, tries = [], 0
+    while len(prompts) < count and tries < 100 * count:
+        tries += 1
+        with open(rng.choice(files), "rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        if len(lines) < 20:
+            continue
+        start = rng.randrange(len(lines) - 10)
+        text = b"".join(lines[start:start + 10])[:length].decode("utf-8", "ignore")
+        if len(text.strip()) >= length // 2:
+            prompts.append(text)
+    return prompts

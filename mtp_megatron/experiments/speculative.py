@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from typing import Dict, List, Optional
 
 logger = logging.getLogger("mtp_megatron")
@@ -32,23 +31,10 @@ def heldout_prompts(count: int, length: int, seed: int = 0,
     With the default ``--split 98,2,0`` the last 2% of documents are validation data; the
     last 1% stays inside them even if a few files were skipped as empty.
     """
-    from mtp_megatron.data.corpus import stdlib_files
+    from mtp_megatron.data.corpus import corpus_snippets, stdlib_files
 
     files = stdlib_files()
-    tail = files[-max(1, int(len(files) * fraction)):]
-    rng = random.Random(seed)
-    prompts, tries = [], 0
-    while len(prompts) < count and tries < 100 * count:
-        tries += 1
-        with open(rng.choice(tail), "rb") as fh:
-            lines = fh.read().splitlines(keepends=True)
-        if len(lines) < 20:
-            continue
-        start = rng.randrange(len(lines) - 10)
-        text = b"".join(lines[start:start + 10])[:length].decode("utf-8", "ignore")
-        if len(text.strip()) >= length // 2:
-            prompts.append(text)
-    return prompts
+    return corpus_snippets(files[-max(1, int(len(files) * fraction)):], count, length, seed)
 
 
 def read_prompt_file(path: str) -> List[str]:
