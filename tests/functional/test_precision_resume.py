@@ -108,7 +108,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp2(root):
-    cases = _matrix({}) + [_example("tiny_cpu_mtp2"), _example("gpt_350m_mtp1_gpu")]
+    cases = _matrix({}) + [_example("tiny_cpu_mtp2"), _example("gpt_350m_mtp1_gpu"),
+                           _example("compare_gpu_model")]
     return spawn(2, rm.run_cases, cases, os.path.join(root, "dp2"),
                  [("changed", probe_changed_settings)])
 
@@ -132,7 +133,8 @@ def _assert_bit_exact(per_rank, name):
     assert all(loss is not None for loss in last.losses.values()), last  # really logged
 
 
-@pytest.mark.parametrize("name", MATRIX + ["example_tiny_cpu_mtp2", "example_gpt_350m_mtp1_gpu"])
+@pytest.mark.parametrize("name", MATRIX + ["example_tiny_cpu_mtp2", "example_gpt_350m_mtp1_gpu",
+                                          "example_compare_gpu_model"])
 def test_dp2_resume_is_bit_exact(name, dp2):
     _assert_bit_exact(dp2, name)
 
@@ -144,7 +146,8 @@ def test_tp2_pp2_resume_is_bit_exact(name, tp2pp2):
 
 def test_every_example_is_covered():
     names = sorted(f[:-5] for f in os.listdir(EXAMPLES) if f.endswith(".yaml"))
-    assert names == ["gpt_350m_mtp1_gpu", "tiny_cpu_mtp2", "tp2_pp2_mtp2"], names
+    assert names == ["compare_gpu_model", "gpt_350m_mtp1_gpu", "tiny_cpu_mtp2",
+                     "tp2_pp2_mtp2"], names
 
 
 def test_bf16_distributed_optimizer_checkpoint_reshards_dp2_to_tp2_pp2(dp2, tp2pp2):
