@@ -1,5 +1,5 @@
 # Two commands for a new machine:
-#   make demo        # trains a small GPT with MTP (D=1) on CPU or GPU, about a minute on 2 cores
+#   make demo        # trains a small GPT with MTP (D=1) on CPU or GPU, about two minutes on 2 cores
 #   make test        # the whole test suite (CPU; GPU tests skip without CUDA)
 # and, while developing:
 #   make test-fast   # pure Python and single-process tests, under 2 minutes on 2 cores

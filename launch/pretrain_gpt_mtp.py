@@ -1,6 +1,6 @@
 """Pretrain a GPT with multi-token prediction on megatron-core.
 
-CPU or one GPU (a small model, about a minute on 2 CPU cores):
+CPU or one GPU (a small model, about two minutes on 2 CPU cores):
     torchrun launch/pretrain_gpt_mtp.py --mtp-num-layers 1
 Two ranks (data parallel on CPU/gloo, or two GPUs):
     torchrun --nproc-per-node 2 launch/pretrain_gpt_mtp.py --mtp-num-layers 1

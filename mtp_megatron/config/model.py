@@ -26,7 +26,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT architecture, Llama-shaped by default (RMSNorm, SwiGLU, no linear biases, RoPE;
-    exports to LlamaForCausalLM). The defaults train in about a minute on 2 CPU cores."""
+    exports to LlamaForCausalLM). The defaults train in about two minutes on 2 CPU cores."""
 
     num_layers: int = option(4, "Number of transformer layers in the decoder.", type=int)
     hidden_size: int = option(128, "Transformer hidden size.", type=int)
