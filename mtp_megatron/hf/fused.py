@@ -14,7 +14,7 @@ With SwiGLU, megatron-core's ``linear_fc1`` is ``[gate; up]`` stacked along the 
 dimension (``act(first half) * second half``), HF Llama's ``gate_proj`` and ``up_proj``.
 
     q, k, v = split_qkv(w, heads=8, groups=2, head_dim=64)
-    assert torch.equal(merge_qkv(q, k, v, heads=8, groups=2, head_dim=64), w)
+    w2 = merge_qkv(q, k, v, heads=8, groups=2, head_dim=64)   # torch.equal(w2, w)
 """
 
 from __future__ import annotations
