@@ -5,6 +5,9 @@ code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4 
 table is in mtp_megatron/exit_codes.py). Under a launcher every rank exits non-zero, but
 the line is printed once: a config error (the same on every rank) by global rank 0, a
 machine check that failed (preflight: paths, GPU, libraries) by each node's local rank 0.
+The silent ranks linger a few seconds before exiting (see :func:`_report`) so that
+torchrun, which stops every worker at the first failure it sees, cannot kill the
+reporting rank before it has printed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 from mtp_megatron.config import ConfigError, load_config
@@ -34,10 +38,31 @@ def _launcher_rank(name: str, slurm_name: str) -> str:
     return os.environ.get(name, os.environ.get(slurm_name, "0"))
 
 
+# How long a silent rank waits before exiting: the reporting rank parses the same argv
+# at the same time, so it prints well within this even on a loaded machine; a launcher
+# that stops the job at the first failure (torchrun, srun --kill-on-bad-exit) ends the
+# wait at once, so it never delays the exit of a job.
+SILENT_RANK_GRACE_S = 10.0
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    except ValueError:
+        return 1
+
+
 def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
-    """Print a user error on one rank (``rank_var`` == 0), not once per process."""
+    """Print a user error on one rank (``rank_var`` == 0), not once per process.
+
+    The other ranks wait up to :data:`SILENT_RANK_GRACE_S` before returning: a silent
+    rank that exited first would be the "first failure" torchrun acts on, and torchrun
+    would SIGTERM the reporting rank before its line reached stderr.
+    """
     if _launcher_rank(rank_var, slurm_var) == "0":
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    elif _world_size() > 1:
+        time.sleep(SILENT_RANK_GRACE_S)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

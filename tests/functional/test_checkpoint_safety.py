@@ -89,6 +89,7 @@ def _save_failures_body(rank, world_size, save_dir):
     state.iteration = 1  # re-save a committed iteration: replaced, never lost
     out["resave"] = _try_save(state, save_dir)
     out["listing_resave"] = sorted(os.listdir(save_dir))
+    torch.distributed.barrier()  # every rank has looked before rank 0 starts iter 3
     state.cfg = dataclasses.replace(state.cfg, checkpoint=dataclasses.replace(
         state.cfg.checkpoint, ckpt_keep_last=2))
     for it in (3, 4, 5):

@@ -77,6 +77,8 @@ def test_a_key_given_flat_and_sectioned_is_an_error(tmp_path):
     ({"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NTASKS": "4"}, False),
 ])
 def test_a_config_error_is_printed_by_rank_zero_only(monkeypatch, capsys, env, printed):
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID"):
         monkeypatch.delenv(var, raising=False)
     for key, value in env.items():
@@ -85,6 +87,8 @@ def test_a_config_error_is_printed_by_rank_zero_only(monkeypatch, capsys, env, p
     err = capsys.readouterr().err
     assert ("--mtp-num-layers=0 is not allowed" in err) is printed, err
     assert err.count("error:") == int(printed)
+    # a silent rank outlives the reporting one, so torchrun cannot kill it mid-print
+    assert slept == ([] if printed else [cli.SILENT_RANK_GRACE_S])
 
 
 def test_a_machine_check_is_printed_once_per_node(monkeypatch, capsys, tmp_path):
