@@ -19,6 +19,17 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--lr", "3e-3", "--log-interval", "1"]
 
+# The runs tests/functional/conftest.py::saved_run trains once per session (with --save):
+# the arguments of each (and of a run that resumes one), and name -> (ranks, extra flags).
+SAVED_ARGS = TINY + ["--mtp-num-layers", "2", "--mock-data", "--lr-warmup-iters", "2",
+                     "--eval-iters", "1", "--train-iters", "20"]
+SAVED_LAYOUTS = {
+    "tp1_mtp2": (1, []),
+    "tp2_pp2_mtp2": (4, ["--tensor-model-parallel-size", "2",
+                         "--pipeline-model-parallel-size", "2"]),
+    "dp2_mtp2_distopt": (2, ["--use-distributed-optimizer"]),
+}
+
 
 @dataclass
 class Run:

@@ -16,32 +16,26 @@ import time
 import pytest
 
 from tests.dist_utils import spawn
-from tests.functional.launcher import LAUNCHER, ROOT, TINY, launch
+from tests.functional.launcher import (
+    LAUNCHER,
+    ROOT,
+    SAVED_ARGS,
+    SAVED_LAYOUTS,
+    TINY,
+    launch,
+)
 
 pytestmark = pytest.mark.functional
 
 MTP2 = ["--mtp-num-layers", "2", "--mock-data", "--lr-warmup-iters", "2"]
-LAYOUTS = {
-    "tp1_mtp2": (1, []),
-    "tp2_pp2_mtp2": (4, ["--tensor-model-parallel-size", "2",
-                         "--pipeline-model-parallel-size", "2"]),
-    "dp2_mtp2": (2, []),
-}
 KEYS = ("lm loss", "mtp_1 loss", "mtp_2 loss", "grad norm", "lr")
 
 
 @pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory):
-    """20 iterations per layout, saving at 10 and 20 (computed once, shared)."""
-    runs = {}
-    for name, (nproc, extra) in LAYOUTS.items():
-        out = tmp_path_factory.mktemp(name)
-        run = launch(TINY + MTP2 + extra + ["--train-iters", "20", "--save", str(out / "ck"),
-                                            "--save-interval", "10"],
-                     output_dir=str(out / "run"), nproc=nproc)
-        assert run.returncode == 0, run
-        runs[name] = (out, run)
-    return runs
+def straight_runs(saved_run):
+    """20 iterations per layout, saving at 10 and 20 (tests/functional/conftest.py:
+    trained once per session, shared with test_train_layouts)."""
+    return {name: saved_run(name) for name in SAVED_LAYOUTS}
 
 
 def _weights(rank, world_size, checkpoints):
@@ -67,12 +61,11 @@ def _weights(rank, world_size, checkpoints):
     return out
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(SAVED_LAYOUTS))
 def test_resume_is_bit_exact(name, straight_runs):
     out, straight = straight_runs[name]
-    nproc, extra = LAYOUTS[name]
-    resumed = launch(TINY + MTP2 + extra + ["--train-iters", "20",
-                                            "--load", str(out / "ck" / "iter_0000010"),
+    nproc, extra = SAVED_LAYOUTS[name]
+    resumed = launch(SAVED_ARGS + extra + ["--load", str(out / "ck" / "iter_0000010"),
                                             "--save", str(out / "ck_resumed")],
                      output_dir=str(out / "resumed"), nproc=nproc)
     assert resumed.returncode == 0, resumed

@@ -1,40 +1,41 @@
 """Tier 4: end-to-end ``torchrun launch/pretrain_gpt_mtp.py`` on CPU, named by topology.
 
 Every layout trains the tiny model on learnable mock data: the lm loss falls and every
-``mtp_k loss`` is logged. Rejected configs exit quickly with the message, no traceback.
+``mtp_k loss`` is logged. The layouts in ``launcher.SAVED_LAYOUTS`` (TP1, TP2xPP2 and
+DP2 with the distributed optimizer, D=2) are the session's saved runs, which
+test_checkpoint_resume also resumes: trained once, checked here. DP2 with D=1 runs in
+test_slurm_launch (SLURM variables, no torchrun); PP2 with D=1 inside TP2xPP2.
+Rejected configs exit quickly with the message, no traceback.
 """
 
 import time
 
 import pytest
 
-from tests.functional.launcher import TINY, launch
+from tests.functional.launcher import SAVED_LAYOUTS, TINY, launch
 
 pytestmark = pytest.mark.functional
 
 LAYOUTS = {
     "tp1_mtp1": (1, ["--mtp-num-layers", "1"]),
-    "tp1_mtp2": (1, ["--mtp-num-layers", "2"]),
     "tp2_mtp1": (2, ["--tensor-model-parallel-size", "2", "--mtp-num-layers", "1"]),
     "tp2_mtp2": (2, ["--tensor-model-parallel-size", "2", "--mtp-num-layers", "2"]),
-    "pp2_mtp1": (2, ["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1"]),
     "pp2_mtp2": (2, ["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "2"]),
-    "dp2_mtp1": (2, ["--mtp-num-layers", "1"]),
-    "dp2_mtp2_distopt": (2, ["--mtp-num-layers", "2", "--use-distributed-optimizer"]),
     "tp2_pp2_mtp1": (4, ["--tensor-model-parallel-size", "2",
                          "--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1"]),
-    "tp2_pp2_mtp2": (4, ["--tensor-model-parallel-size", "2",
-                         "--pipeline-model-parallel-size", "2", "--mtp-num-layers", "2"]),
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_trains_and_logs_every_mtp_depth(name, tmp_path):
-    nproc, extra = LAYOUTS[name]
-    depth = int(extra[extra.index("--mtp-num-layers") + 1])
-    run = launch(TINY + ["--mock-data", "--train-iters", "20", "--eval-iters", "1"] + extra,
-                 output_dir=str(tmp_path), nproc=nproc)
-    assert run.returncode == 0, run
+@pytest.mark.parametrize("name", list(LAYOUTS) + list(SAVED_LAYOUTS))
+def test_layout_trains_and_logs_every_mtp_depth(name, tmp_path, saved_run):
+    if name in SAVED_LAYOUTS:
+        depth, run = 2, saved_run(name)[1]
+    else:
+        nproc, extra = LAYOUTS[name]
+        depth = int(extra[extra.index("--mtp-num-layers") + 1])
+        run = launch(TINY + ["--mock-data", "--train-iters", "20", "--eval-iters", "1"] + extra,
+                     output_dir=str(tmp_path), nproc=nproc)
+        assert run.returncode == 0, run
     rows = run.metrics()
     assert [r["iteration"] for r in rows] == list(range(1, 21))
     first, last = rows[0], rows[-1]
