@@ -22,6 +22,7 @@ import yaml
 
 from mtp_megatron.checkpoint.layout import CONFIG_NAME, CheckpointError
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
+from mtp_megatron.config.model import default_ffn_hidden_size
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -43,7 +44,8 @@ def _effective(section: str, key: str, values: Dict[str, Any]) -> Any:
     if section == "model" and key == "num_query_groups":
         return values.get(key) or values.get("num_attention_heads")
     if section == "model" and key == "ffn_hidden_size":
-        return values.get(key) or 4 * (values.get("hidden_size") or 0)
+        return values.get(key) or default_ffn_hidden_size(values.get("hidden_size") or 0,
+                                                          bool(values.get("swiglu")))
     return values.get(key)
 
 

@@ -35,7 +35,8 @@ class ModelConfig:
         None, "Query groups for grouped-query attention (default: one per head).", type=int
     )
     ffn_hidden_size: Optional[int] = option(
-        None, "MLP hidden size (default: 4 x hidden size).", type=int
+        None, "MLP hidden size (default: Megatron-LM's: 4 x hidden size, or with --swiglu "
+        "int(8 x hidden size / 3 / 64) x 64, the same parameters as a 4 x GELU MLP).", type=int
     )
     seq_length: int = option(128, "Sequence length of a training sample.", type=int)
     max_position_embeddings: Optional[int] = option(
@@ -96,6 +97,11 @@ class ModelConfig:
         for name in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings"):
             check_int(flag_of(name), getattr(self, name), 1, allow_none=True)
         check_int("--vocab-size", self.vocab_size, 2, allow_none=True)
+        if self.ffn_size == 0:
+            raise ConfigError(
+                "--ffn-hidden-size", None, "an explicit MLP width for this --hidden-size",
+                f"the SwiGLU default int(8 x {self.hidden_size} / 3 / 64) x 64 is 0",
+            )
         check_int("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by, 1)
         for name in ("hidden_dropout", "attention_dropout", "init_method_std"):
             check_float(flag_of(name), getattr(self, name), 0.0)
@@ -121,11 +127,22 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        """The MLP width built: --ffn-hidden-size, else Megatron-LM's default."""
+        return self.ffn_hidden_size or default_ffn_hidden_size(self.hidden_size, self.swiglu)
 
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default MLP width (``validate_args``): 4h, or with SwiGLU two thirds
+    of it (three matrices instead of two: the same parameter count) rounded down to a
+    multiple of 64. h=128 -> 320, h=4096 -> 10880; 0 below h=24 (an explicit width is
+    required there)."""
+    if swiglu:
+        return int(4 * hidden_size * 2 / 3 / 64) * 64
+    return 4 * hidden_size
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -15,7 +15,7 @@ BASE = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_lengt
 
 def _saved(tmp_path, **cli):
     directory = tmp_path / "iter_0000002"
-    directory.mkdir()
+    directory.mkdir(parents=True)
     save_config(build_config(None, dict(BASE, **cli), 1), str(directory / "run_config.yaml"))
     return str(directory)
 
@@ -85,5 +85,7 @@ def test_rope_sequence_length_may_change(tmp_path):
 
 def test_defaults_resolved_before_comparing(tmp_path):
     ck = _saved(tmp_path)  # ffn_hidden_size and num_query_groups left to their defaults
-    _ok(ck, ffn_hidden_size=128, num_query_groups=4)
-    assert "ffn_hidden_size" in _error(ck, ffn_hidden_size=64)
+    _ok(ck, ffn_hidden_size=64, num_query_groups=4)  # SwiGLU at h=32: int(8*32/3/64)*64
+    assert "ffn_hidden_size" in _error(ck, ffn_hidden_size=128)
+    gelu = _saved(tmp_path / "gelu", swiglu=False)  # the GELU default is 4h
+    _ok(gelu, swiglu=False, ffn_hidden_size=128)

@@ -86,6 +86,22 @@ def test_hidden_size_divisible_by_heads():
     rejects("--hidden-size", "--hidden-size", "100", "--num-attention-heads", "3")
 
 
+@pytest.mark.parametrize("argv,width", [
+    ((), 320),  # the defaults: h=128 with SwiGLU, int(8 * 128 / 3 / 64) * 64
+    (("--hidden-size", "4096", "--num-attention-heads", "32"), 10880),  # as Megatron-LM
+    (("--no-swiglu",), 512),  # GELU: 4h
+    (("--ffn-hidden-size", "500"), 500),
+])
+def test_default_mlp_width_is_megatron_lms(argv, width):
+    assert cfg_from(*argv).model.ffn_size == width
+
+
+def test_swiglu_default_width_of_zero_names_ffn_hidden_size():
+    message = rejects("--ffn-hidden-size", "--hidden-size", "16")
+    assert "is 0" in message
+    assert cfg_from("--hidden-size", "16", "--ffn-hidden-size", "48").model.ffn_size == 48
+
+
 def test_heads_divisible_by_tensor_parallel():
     rejects("--tensor-model-parallel-size", "--num-attention-heads", "4",
             "--tensor-model-parallel-size", "3", world=3)
