@@ -220,7 +220,23 @@ def build_datasets(plan: DataPlan, *, data: DataConfig, model: ModelConfig,
     if train is None:  # a rank whose chunks never read the batch
         train = Placeholder(seq, sizes[0])
         valid = Placeholder(seq, num_valid) if num_valid else None
+    elif plan.blend is not None and plan.blend[1] is None and len(plan.blend[0]) > 1:
+        _warn_if_repeating(train, sizes[0], "training", "--train-iters")
+        if num_valid:
+            _warn_if_repeating(valid, num_valid, "validation", "--eval-iters")
     return Datasets(train=train, valid=valid if num_valid else None)
+
+
+def _warn_if_repeating(dataset, needed: int, split: str, flag: str) -> None:
+    """``--data-path A B`` (no weights): megatron-core blends one epoch of each dataset,
+    and the sampler wraps around after it, repeating the samples in the same order."""
+    if dataset is not None and len(dataset) < needed:
+        logger.warning(
+            "--data-path without weights blends one epoch of each dataset: %d %s samples, "
+            "but %s x --global-batch-size reads %d, so after %d samples the same samples "
+            "repeat in the same order. Give weights (--data-path 1 A 1 B ...) for "
+            "megatron-core's reshuffled epochs, or lower %s.",
+            len(dataset), split, flag, needed, len(dataset), flag)
 
 
 class Placeholder:

@@ -181,6 +181,28 @@ def test_unweighted_blend_mixes_in_proportion_to_dataset_sizes(tmp_path):
         assert abs(got - n * size / sum(sizes)) <= 1, (counts, sizes)
 
 
+def test_unweighted_blend_shorter_than_the_run_warns(tmp_path, caplog):
+    """One epoch of each dataset, then the sampler wraps: the same samples, same order."""
+    a, b = _corpus(tmp_path, "a", docs=30), _corpus(tmp_path, "b", docs=10)
+    cfg = _cfg(tmp_path, data_path=[a, b], data_cache_path=None)
+    long = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, train_iters=400))
+    with caplog.at_level("WARNING", logger="mtp_megatron"):
+        _, data = _build(long)
+    epoch = len(data.train)
+    assert epoch < 400 * 4
+    warned = [r.getMessage() for r in caplog.records if "without weights" in r.getMessage()]
+    assert len(warned) == 1 and f"{epoch} training samples" in warned[0], warned
+    assert "--train-iters" in warned[0] and "--data-path 1 A 1 B" in warned[0]
+    sampler = GlobalBatchSampler(data.train, micro_batch_size=epoch, global_batch_size=epoch,
+                                 dp_rank=0, dp_size=1)
+    first, second = sampler.next_step()[0], sampler.next_step()[0]
+    assert torch.equal(first["tokens"], second["tokens"])  # what the warning says
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtp_megatron"):
+        _build(cfg)  # 20 samples: within the epoch, no warning
+    assert not [r for r in caplog.records if "without weights" in r.getMessage()]
+
+
 @contextlib.contextmanager
 def _deadline(seconds):
     """Fail instead of hanging (megatron-core's epoch loop is pure Python: SIGALRM stops it)."""
