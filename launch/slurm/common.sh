@@ -92,7 +92,10 @@ setup_container() {
 # Run the training step in the background so the batch shell can catch the time-limit
 # signal (#SBATCH --signal=B:TERM@120) and forward SIGTERM to srun, which passes it to
 # every task: --exit-signal-handler saves a checkpoint and exits 0. The job then
-# requeues itself and the next start resumes with --load.
+# requeues itself and the next start resumes with --load. Whether the save happened is
+# read from the launcher's $JOB_DIR/stopped.json ("saved": true), not only from the step's
+# exit code: in torchrun mode torchrun is the process signalled and exits 1 although
+# every worker saved and exited 0.
 PREEMPTED=0
 run_training_step() {
     srun "$@" &
@@ -106,8 +109,9 @@ run_training_step() {
     trap - TERM
     echo "$(date +%T) training step exited with $rc"
     if [[ $PREEMPTED == 1 && $MTP_REQUEUE == 1 ]]; then
-        if [[ $rc == 0 ]]; then
-            echo "saved before the time limit: requeueing $SLURM_JOB_ID to resume from $CKPT"
+        if [[ $rc == 0 ]] || grep -qs '"saved": true' "$JOB_DIR/stopped.json"; then
+            echo "saved before the time limit ($(cat "$JOB_DIR/stopped.json" 2>/dev/null ||
+                echo "exit 0")): requeueing $SLURM_JOB_ID to resume from $CKPT"
             scontrol requeue "$SLURM_JOB_ID"
         else
             echo "not requeueing: the step failed after SIGTERM (exit $rc)"

@@ -7,6 +7,10 @@
   computes it anyway, for clipping), before any weight changes. NaN/Inf is detected from
   that norm (a NaN or Inf in any gradient makes the global norm non-finite) and from the
   step's lm-loss sums, both already on hand: no scan of the gradient buffers.
+* :func:`write_stop_record`: after an early stop whose checkpoint is committed, rank 0
+  writes ``<output-dir>/stopped.json``. A batch script reads it to decide whether to
+  requeue (launch/slurm/common.sh): torchrun exits 1 when it is the process signalled,
+  even though every worker saved and exited 0.
 * Every rank reaches the same decisions through :func:`agree`: the non-finite flag and
   the exit flags travel in one 4-element tensor, one all-reduce (MAX), one host copy.
 
@@ -20,6 +24,7 @@ on rank 0, so the detection path runs end to end.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -34,6 +39,30 @@ from mtp_megatron.config import CheckpointConfig
 from mtp_megatron.runtime import comm
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
+
+STOP_RECORD = "stopped.json"
+
+
+def stop_record_path(output_dir: str) -> str:
+    return os.path.join(output_dir, STOP_RECORD)
+
+
+def write_stop_record(output_dir: str, *, iteration: int, reason: str,
+                      checkpoint: Optional[str]) -> str:
+    """``stopped.json``: ``{"iteration", "reason", "saved", "checkpoint"}``, written
+    atomically (temp file + rename) once the stop's checkpoint is committed; ``saved`` is
+    false without ``--save``."""
+    path = stop_record_path(output_dir)
+    record = {"iteration": iteration, "reason": reason, "saved": checkpoint is not None,
+              "checkpoint": checkpoint}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
 
 # Columns of the per-step agreement tensor (all reduced with MAX).
 NONFINITE, SIGNAL, MINUTES, STOP = range(4)

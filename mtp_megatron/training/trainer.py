@@ -27,6 +27,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
+from mtp_megatron.checkpoint.layout import iteration_dir
 from mtp_megatron.checkpoint.lock import acquire_on_rank0
 from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
@@ -44,6 +45,8 @@ from mtp_megatron.training.faults import (
     ExitConditions,
     checked_optimizer_step,
     inject_nan_for_tests,
+    stop_record_path,
+    write_stop_record,
 )
 from mtp_megatron.training.losses import LossWindow, forward_step, step_loss_sums
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics, peak_tflops_for
@@ -108,6 +111,8 @@ class Trainer:
         )
         if torch.distributed.get_rank() == 0:
             save_config(cfg, os.path.join(cfg.logging.output_dir, "config.yaml"))
+            with contextlib.suppress(FileNotFoundError):  # an earlier run's early stop
+                os.remove(stop_record_path(cfg.logging.output_dir))
 
     def _table_peak(self):
         if self.device.type != "cuda":
@@ -276,7 +281,7 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         saved_at, evaluated_at = self.committed_at, None
         eval_interval = self.cfg.data.eval_interval
-        first = True
+        first, stopped = True, None
         while self.iteration < self.cfg.training.train_iters:
             # the first step builds buffers and warms kernels up: show that it progresses
             with phase(f"first iteration ({self.iteration + 1})", log=log_last_rank) \
@@ -295,6 +300,7 @@ class Trainer:
                 saved_at = self.iteration
             if step.stop_reason:
                 log_last_rank(f"stopping after iteration {self.iteration}: {step.stop_reason}")
+                stopped = step.stop_reason
                 break
         if self.iteration >= self.cfg.training.train_iters and evaluated_at != self.iteration:
             self.evaluate()  # the final evaluation
@@ -302,6 +308,10 @@ class Trainer:
             self.save()
         if self.async_saver is not None:
             self.async_saver.poll(blocking=True)  # every save committed before we return
+        if stopped is not None and torch.distributed.get_rank() == 0:
+            write_stop_record(self.cfg.logging.output_dir, iteration=self.iteration,
+                              reason=stopped, checkpoint=ckpt.save and iteration_dir(ckpt.save,
+                                                                        self.iteration))
         return history
 
     def close(self) -> None:

@@ -123,10 +123,17 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path):
     stopped = _tracker(ck)
     assert stopped >= 3
     assert f"stopping after iteration {stopped}: received SIGTERM" in rest
+    # what a batch script reads to requeue (torchrun itself exits 1 when signalled)
+    with open(tmp_path / "a" / "stopped.json") as fh:
+        record = json.load(fh)
+    assert record == {"iteration": stopped, "reason": "received SIGTERM", "saved": True,
+                      "checkpoint": os.path.join(ck, f"iter_{stopped:07d}")}
+    # the resumed run finishes in the same output directory: no stale stop record
     resumed = launch(TINY + MTP2 + ["--train-iters", str(stopped + 2), "--save", ck],
-                     output_dir=str(tmp_path / "b"), torchrun=False)
+                     output_dir=str(tmp_path / "a"), torchrun=False)
     assert resumed.returncode == 0, resumed
-    assert [r["iteration"] for r in resumed.metrics()] == [stopped + 1, stopped + 2]
+    assert [r["iteration"] for r in resumed.metrics()][-2:] == [stopped + 1, stopped + 2]
+    assert not (tmp_path / "a" / "stopped.json").exists()
 
 
 def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(tmp_path):

@@ -46,6 +46,11 @@ elif tool == "sbatch":
 elif tool == "srun" and os.environ.get("STUB_HANG") and "--label" in args:
     def on_term(signum, frame):
         record(signal="TERM")
+        if os.environ.get("STUB_STOPPED"):  # what the launcher writes after its save
+            job = os.path.join(os.environ["MTP_RUNS"], os.environ["SLURM_JOB_NAME"],
+                               os.environ["SLURM_JOB_ID"] + "-r0")
+            with open(os.path.join(job, "stopped.json"), "w") as fh:
+                fh.write(os.environ["STUB_STOPPED"] + "\n")
         sys.exit(int(os.environ.get("STUB_RC_AFTER_TERM", "0")))
     signal.signal(signal.SIGTERM, on_term)
     for _ in range(600):
@@ -175,11 +180,25 @@ def test_task_sh_srun_mode_runs_the_launcher_directly(stubs):
     assert python["args"] == ["launch/pretrain_gpt_mtp.py", "--mtp-num-layers", "1"]
 
 
-@pytest.mark.parametrize("rc_after_term,requeued", [(0, True), (1, False)])
-def test_time_limit_signal_is_forwarded_then_the_job_requeues(stubs, rc_after_term, requeued):
+SAVED = '{"iteration": 7, "reason": "received SIGTERM", "saved": true, "checkpoint": "c"}'
+NOT_SAVED = SAVED.replace("true", "false")
+
+
+@pytest.mark.parametrize("script,rc_after_term,stopped,requeued", [
+    ("srun.sbatch", 0, None, True),
+    ("srun.sbatch", 1, None, False),
+    # torchrun exits 1 when it is the process signalled: the launcher's record decides
+    ("torchrun.sbatch", 1, SAVED, True),
+    ("torchrun.sbatch", 1, NOT_SAVED, False),
+    ("torchrun.sbatch", 1, None, False),
+])
+def test_time_limit_signal_is_forwarded_then_the_job_requeues(stubs, script, rc_after_term,
+                                                              stopped, requeued):
     env, calls, _ = stubs
     env.update(STUB_HANG="1", STUB_RC_AFTER_TERM=str(rc_after_term), MTP_IMAGE="none")
-    proc = subprocess.Popen(["bash", os.path.join(SLURM_DIR, "srun.sbatch")], env=env,
+    if stopped:
+        env["STUB_STOPPED"] = stopped
+    proc = subprocess.Popen(["bash", os.path.join(SLURM_DIR, script)], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.time() + 30
