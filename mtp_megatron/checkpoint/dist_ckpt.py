@@ -30,6 +30,12 @@ distributed optimizer (--use-distributed-optimizer) has several formats in megat
   are unchanged; otherwise the load stops and says to use --no-load-optim.
 * ``fully_sharded_model_space`` is deprecated in megatron-core 0.16.
 
+megatron-core 0.16.1 builds the ``fully_reshardable`` tensors from the wrong offsets when a
+DDP buffer has padding between buckets (its "param range exceeds unpadded buffer"
+warning): the save and the load wrap its call in
+:func:`~mtp_megatron.checkpoint.distopt_ranges.padded_world_tensors`, whose docstring has
+the cause and which runs lost state before the fix.
+
 The format a checkpoint was written in is stored in its content metadata
 (``dist_checkpointing.save(..., content_metadata=...)``) and read back on load, as
 Megatron-LM does, so loading never guesses.

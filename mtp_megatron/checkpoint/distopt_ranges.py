@@ -21,8 +21,9 @@ When a buffer has more than one bucket:
   stage's (same key, ``replica_id`` > 0): it is neither written nor read back from its own
   state, the load fills it from the first stage's, which the embedding all-reduce keeps
   identical. That is the usual "by 64 elements" warning with --mtp-num-layers, and nothing
-  was lost. On the first stage the same shift *is* saved whenever the decoder bucket before
-  the embedding ends off a multiple of 128.
+  was lost. On the first stage the same shift *is* saved (and loaded into both stages)
+  whenever the bucket before the embedding ends off a multiple of 128 elements (seen with
+  h=32, --ffn-hidden-size 66; shapes that are multiples of 128 never do).
 * --overlap-grad-reduce: buckets of --ddp-bucket-size elements (megatron-core's default
   is 40M), and every bucket but the first was saved shifted: weights and moments wrong
   after a resume (only the last parameter of the buffer triggers the warning).
