@@ -30,6 +30,12 @@ distributed optimizer (--use-distributed-optimizer) has several formats in megat
   are unchanged; otherwise the load stops and says to use --no-load-optim.
 * ``fully_sharded_model_space`` is deprecated in megatron-core 0.16.
 
+megatron-core 0.16.1 builds the ``fully_reshardable`` tensors from the wrong offsets when a
+DDP buffer has padding between buckets (its "param range exceeds unpadded buffer"
+warning): the save and the load wrap its call in
+:func:`~mtp_megatron.checkpoint.distopt_ranges.padded_world_tensors`, whose docstring has
+the cause and which runs lost state before the fix.
+
 The format a checkpoint was written in is stored in its content metadata
 (``dist_checkpointing.save(..., content_metadata=...)``) and read back on load, as
 Megatron-LM does, so loading never guesses.
@@ -64,6 +70,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_megatron.checkpoint.commit import SaveGuard
 from mtp_megatron.checkpoint.compat import check_compatible
+from mtp_megatron.checkpoint.distopt_ranges import distributed_optimizers, padded_world_tensors
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
     CheckpointError,
@@ -142,11 +149,6 @@ def _gpt(chunk):
     return chunk
 
 
-def _distributed_optimizers(optimizer) -> List[DistributedOptimizer]:
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
-
-
 def _prepare_distributed_optimizer_for_load(optimizer) -> None:
     """Give a fresh distributed optimizer the state megatron-core expects before a load.
 
@@ -158,7 +160,7 @@ def _prepare_distributed_optimizer_for_load(optimizer) -> None:
     """
     if HAVE_APEX_OR_TE:
         return
-    for sub in _distributed_optimizers(optimizer):
+    for sub in distributed_optimizers(optimizer):
         inner = sub.optimizer
         if len(inner.state) == 0:
             sub.init_state_fn(inner, sub.config)
@@ -180,7 +182,7 @@ def _load_optimizer(optimizer, state_dict) -> None:
     ``step``), set the step tensors aside while the parameter state is copied in with
     megatron-core's own loader for the format, then give each parameter its own copy.
     """
-    if HAVE_APEX_OR_TE or not _distributed_optimizers(optimizer):
+    if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer):
         optimizer.load_state_dict(state_dict)
         return
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -289,8 +291,9 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
     md = _metadata(_content_metadata(state.cfg.parallel.use_distributed_optimizer))
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                              metadata=md)
+    with padded_world_tensors(state.optimizer):  # megatron-core 0.16.1 range bug
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
+                                                                  metadata=md)
     sharded["rng_state"] = _rng_state()
     sharded["common"] = {
         "iteration": state.iteration,
@@ -417,8 +420,9 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     sharded = dict(model_sd)
     if load_optim:
         _prepare_distributed_optimizer_for_load(state.optimizer)
-        sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                  metadata=md)
+        with padded_world_tensors(state.optimizer):
+            sharded["optimizer"] = state.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=md)
     error, rng = None, None
     try:
         loaded = dist_checkpointing.load(sharded, directory, strict=LENIENT)
