@@ -4,7 +4,7 @@ Every layout trains the tiny model on learnable mock data: the lm loss falls and
 ``mtp_k loss`` is logged. The layouts in ``launcher.SAVED_LAYOUTS`` (TP1, TP2xPP2 and
 DP2 with the distributed optimizer, D=2) are the session's saved runs, which
 test_checkpoint_resume also resumes: trained once, checked here. DP2 with D=1 runs in
-test_slurm_launch (SLURM variables, no torchrun); PP2 with D=1 inside TP2xPP2.
+test_slurm_launch (SLURM variables, no torchrun); TP2 and PP2 with D=1 inside TP2xPP2.
 Rejected configs exit quickly with the message, no traceback.
 """
 
@@ -18,7 +18,6 @@ pytestmark = pytest.mark.functional
 
 LAYOUTS = {
     "tp1_mtp1": (1, ["--mtp-num-layers", "1"]),
-    "tp2_mtp1": (2, ["--tensor-model-parallel-size", "2", "--mtp-num-layers", "1"]),
     "tp2_mtp2": (2, ["--tensor-model-parallel-size", "2", "--mtp-num-layers", "2"]),
     "pp2_mtp2": (2, ["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "2"]),
     "tp2_pp2_mtp1": (4, ["--tensor-model-parallel-size", "2",
