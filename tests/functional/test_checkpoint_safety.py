@@ -7,7 +7,8 @@
 * ``test_one_writer_per_save_dir_and_no_orphans``: a second run on the same --save is
   refused (exit 3) naming the owner; kill -9 mid-save leaves no process of the run alive;
   the next run takes the stale lock over; a finished run restarted does not re-save.
-* ``test_disk_full_under_torchrun``: both ranks print the same one-line error.
+* ``test_disk_full_under_torchrun``: the ranks print the same one-line error (torchrun
+  may stop the slower rank before it prints).
 """
 
 import os
@@ -226,8 +227,11 @@ def test_disk_full_under_torchrun(tmp_path):
                           preexec_fn=_limit_file_size)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2, proc.stderr[-3000:]
-    assert errors[0] == errors[1]
+    # every rank prints the agreed error, then exits 3; torchrun stops the others at the
+    # first exit, so a slower rank may be killed before its print: one or two lines,
+    # always the same words (the first rank to exit has printed)
+    assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
+    assert len(set(errors)) == 1, errors
     assert errors[0].startswith(f"error: cannot save checkpoint {ck}/iter_0000002: ")
     assert "[Errno 27] File too large" in errors[0] and "no earlier checkpoint" in errors[0]
     assert "Connection closed by peer" not in proc.stderr + proc.stdout
