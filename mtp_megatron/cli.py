@@ -45,13 +45,6 @@ def _launcher_rank(name: str, slurm_name: str) -> str:
 SILENT_RANK_GRACE_S = 10.0
 
 
-def _world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    except ValueError:
-        return 1
-
-
 def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
     """Print a user error on one rank (``rank_var`` == 0), not once per process.
 
@@ -61,7 +54,7 @@ def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_P
     """
     if _launcher_rank(rank_var, slurm_var) == "0":
         print(f"error: {err}", file=sys.stderr, flush=True)
-    elif _world_size() > 1:
+    else:  # a non-zero rank: there is a reporting rank to wait for
         time.sleep(SILENT_RANK_GRACE_S)
 
 
