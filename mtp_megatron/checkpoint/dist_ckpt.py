@@ -79,6 +79,7 @@ from mtp_megatron.checkpoint.layout import (
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 from mtp_megatron.runtime import comm, cpu_bridge
+from mtp_megatron.training.optim import sub_optimizers
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -185,7 +186,7 @@ def _load_optimizer(optimizer, state_dict) -> None:
     if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer):
         optimizer.load_state_dict(state_dict)
         return
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    subs = sub_optimizers(optimizer)
     parts = [state_dict] if len(subs) == 1 else list(state_dict)
     for sub, part in zip(subs, parts):
         if not isinstance(sub, DistributedOptimizer):

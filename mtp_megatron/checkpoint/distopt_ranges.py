@@ -46,13 +46,14 @@ from typing import Iterator, List
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from mtp_megatron.training.optim import sub_optimizers
+
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 
 
 def distributed_optimizers(optimizer) -> List[DistributedOptimizer]:
     """The ``DistributedOptimizer`` instances in ``optimizer`` (chained or not)."""
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
+    return [sub for sub in sub_optimizers(optimizer) if isinstance(sub, DistributedOptimizer)]
 
 
 def pad_like_buffer(world: torch.Tensor, buffer) -> torch.Tensor:

@@ -58,13 +58,18 @@ def read_tracker(root: str) -> Optional[int]:
         ) from None
 
 
-def write_tracker(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, TRACKER + ".tmp")
+def write_text_atomic(path: str, text: str) -> None:
+    """``text`` to ``path`` all or nothing: a temp file, fsync, ``os.replace``."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        fh.write(f"{iteration}\n")
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))
+    os.replace(tmp, path)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
 
 
 def partial_saves(root: str) -> List[str]:

@@ -220,16 +220,16 @@ def build_datasets(plan: DataPlan, *, data: DataConfig, model: ModelConfig,
     if train is None:  # a rank whose chunks never read the batch
         train = Placeholder(seq, sizes[0])
         valid = Placeholder(seq, num_valid) if num_valid else None
-    elif plan.blend is not None and plan.blend[1] is None and len(plan.blend[0]) > 1:
+    else:
         _warn_if_repeating(train, sizes[0], "training", "--train-iters")
-        if num_valid:
-            _warn_if_repeating(valid, num_valid, "validation", "--eval-iters")
+        _warn_if_repeating(valid, num_valid, "validation", "--eval-iters")
     return Datasets(train=train, valid=valid if num_valid else None)
 
 
 def _warn_if_repeating(dataset, needed: int, split: str, flag: str) -> None:
-    """``--data-path A B`` (no weights): megatron-core blends one epoch of each dataset,
-    and the sampler wraps around after it, repeating the samples in the same order."""
+    """A dataset shorter than the run reads: the sampler wraps around after it, repeating
+    the samples in the same order. megatron-core sizes every dataset to what is asked
+    (more epochs, reshuffled) except a blend without weights, one epoch of each."""
     if dataset is not None and len(dataset) < needed:
         logger.warning(
             "--data-path without weights blends one epoch of each dataset: %d %s samples, "

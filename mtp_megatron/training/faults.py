@@ -35,8 +35,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from mtp_megatron.checkpoint.layout import write_text_atomic
 from mtp_megatron.config import CheckpointConfig
 from mtp_megatron.runtime import comm
+from mtp_megatron.training.optim import sub_optimizers
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
 
@@ -55,12 +57,7 @@ def write_stop_record(output_dir: str, *, iteration: int, reason: str,
     path = stop_record_path(output_dir)
     record = {"iteration": iteration, "reason": reason, "saved": checkpoint is not None,
               "checkpoint": checkpoint}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record) + "\n")
     return path
 
 
@@ -144,15 +141,11 @@ def inject_nan_for_tests(model_chunks, iteration: int) -> None:
                 buffer.grad_data.fill_(float("nan"))
 
 
-def _chained(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _clip(optimizer, grad_norm: float) -> None:
     """megatron-core's clipping by a total norm already computed (as ChainedOptimizer does)."""
     from megatron.core.optimizer import clip_grads  # read at call time: the CPU bridge wraps it
 
-    for opt in _chained(optimizer):
+    for opt in sub_optimizers(optimizer):
         if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
             continue
         params = opt.get_parameters()

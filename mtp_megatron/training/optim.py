@@ -32,6 +32,12 @@ def build_optimizer(model_chunks, *, training: TrainingConfig, parallel: Paralle
     return get_megatron_optimizer(config, model_chunks)
 
 
+def sub_optimizers(optimizer) -> list:
+    """The optimizers inside megatron-core's ``ChainedOptimizer`` (one per parameter
+    group kind), or ``[optimizer]`` when it is not chained."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def build_scheduler(optimizer, *, training: TrainingConfig) -> OptimizerParamScheduler:
     """Warmup then cosine/linear/constant decay, stepped once per iteration."""
     return OptimizerParamScheduler(
