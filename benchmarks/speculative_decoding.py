@@ -153,9 +153,9 @@ def main(argv=None) -> int:
             report["runs"].append(measure(loads[depth], prompts, args.max_new_tokens))
     print_table(report)
     if args.json:
-        with open(args.json, "w") as fh:
-            from mtp_megatron.inference.report import report_json
+        from mtp_megatron.inference.report import report_json
 
+        with open(args.json, "w") as fh:
             fh.write(report_json(report) + "\n")  # strict JSON: NaN -> null
         print(f"wrote {args.json}")
     if args.png:
