@@ -2,7 +2,8 @@
 
 Install requirements are the ranges the code supports, so ``pip install .`` keeps the
 torch, Transformer Engine and apex that an NGC PyTorch image ships. The exact versions
-CI tests are in constraints.txt (the Makefile's venv: ``pip install -c constraints.txt``).
+CI tests are in constraints.txt (the main stack, Python 3.12: ``make``'s .venv) and
+constraints-compat.txt (the megatron-core 0.16.1 floor on Python 3.11: .venv-compat).
 """
 
 from setuptools import find_packages, setup
@@ -12,16 +13,18 @@ setup(
     version="0.1.0",
     description="Pretrain GPT models with Multi-Token Prediction on NVIDIA megatron-core",
     packages=find_packages(include=["mtp_megatron", "mtp_megatron.*"]),
-    # CI (make test) runs 3.11; NGC PyTorch 25.x images, where the GPU tests run
-    # (scripts/ngc_tests.sh), ship 3.12. Nothing else is tested.
+    # CI runs both: 3.12 with megatron-core 0.19 (the main stack, `make test`) and 3.11
+    # with megatron-core 0.16.1 (the floor, `make test-compat`). Nothing else is tested.
     python_requires=">=3.11,<3.13",
     install_requires=[
-        # megatron-core 0.16's own floor; CI runs 2.13.0. No upper bound: NGC images
-        # ship their own torch build and must keep it.
+        # megatron-core's own floor; CI runs 2.13.0. No upper bound: NGC images ship their
+        # own torch build and must keep it.
         "torch>=2.6",
-        # The CPU bridge and the checkpoint code patch and call megatron-core internals
-        # as they are in 0.16.x; runtime/cpu_bridge.py refuses other versions.
-        "megatron-core>=0.16.1,<0.17",
+        # Exactly the release lines CI tests (runtime/mcore_compat.py owns every
+        # difference between them and refuses other versions with a message):
+        # 0.19.x from 0.19.2 on Python 3.12, 0.16.x from 0.16.1 on Python 3.11.
+        "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
+        "megatron-core>=0.16.1,<0.17; python_version < '3.12'",
         "pyyaml>=6",
         "psutil",
         "numpy",
@@ -32,9 +35,14 @@ setup(
         # Transformer Engine's PyTorch extension builds from source against the local
         # CUDA toolkit: GPU machines only. NVIDIA apex is never a dependency (the PyPI
         # package of that name is unrelated); it is detected at run time in NGC images.
-        # The range megatron-core 0.16.1 is tested with (its own "dev" extra pins
-        # transformer-engine>=2.9.0a0,<2.12.0); NGC pytorch:25.11-py3 ships one in it.
-        "te": ["transformer_engine[pytorch]>=2.9.0a0,<2.12.0"],
+        # The TE that each megatron-core line declares: 0.19.2's own `te` extra
+        # (transformer-engine[pytorch,core_cu13], no version bound; its CI builds TE
+        # 2.17.1), and 0.16.1's dev range (>=2.9.0a0,<2.12.0). docs/gpu.md has the NGC
+        # image that ships them.
+        "te": [
+            "transformer-engine[pytorch,core_cu13]; python_version >= '3.12'",
+            "transformer_engine[pytorch]>=2.9.0a0,<2.12.0; python_version < '3.12'",
+        ],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],  # python -m mtp_megatron.plot, benchmarks/*.py

@@ -16,6 +16,7 @@ run only:
 * ``package / bare`` step-time ratio per D (goal: <= 1.03 on GPU, <= 1.0 +- noise on CPU);
 * the MTP step-time overhead ``t(D) / t(0)`` next to the FLOP model's
   ``flops_per_token(D) / flops_per_token(0)`` (``model/counting.py``);
+* MFU on a GPU the metrics table knows (package TFLOP/s over its dense bf16 peak);
 * peak memory: on GPU ``torch.cuda.max_memory_allocated`` per step; on CPU the bytes of
   activations saved for backward in one step (a ``saved_tensors_hooks`` count, unique
   storages), which is what MTP adds.
@@ -262,9 +263,12 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\ndevice {device}, {tokens} tokens/step, h={args.hidden_size}, "
           f"L={args.num_layers}, s={args.seq_length}, V={args.vocab_size}")
+    from mtp_megatron.training.metrics import peak_tflops_for
+
+    peak = peak_tflops_for(device) if device != "cpu" else None  # dense bf16 datasheet peak
     print("| D | package ms/step | bare ms/step | package/bare | step time vs D=0 | "
-          "FLOP model vs D=0 | peak mem vs D=0 | package TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "FLOP model vs D=0 | peak mem vs D=0 | package TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for depth, r in results.items():
         ratio = r["package_s"] / r["bare_s"]
         if base:
@@ -273,11 +277,13 @@ def main(argv=None) -> int:
             r["memory_overhead"] = r["package_peak_bytes"] / base["package_peak_bytes"]
         tflops = tokens * r["flops_per_token"] / r["package_s"] / 1e12
         r["package_tflops"] = tflops
+        r["mfu"] = tflops / peak if peak else None
         r["ratio"] = ratio
         over = (f"{r['time_overhead']:.3f} | {r['flop_overhead']:.3f} | "
                 f"{r['memory_overhead']:.3f}" if base else "- | - | -")
         print(f"| {depth} | {r['package_s'] * 1e3:.1f} | {r['bare_s'] * 1e3:.1f} | "
-              f"{ratio:.3f} | {over} | {tflops:.4f} |")
+              f"{ratio:.3f} | {over} | {tflops:.4f} | "
+              f"{'-' if r['mfu'] is None else format(r['mfu'], '.3f')} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device, "args": vars(args), "results": results}, fh, indent=1)

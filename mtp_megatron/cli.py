@@ -62,6 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     try:
         cfg, options = load_config(argv)
+        from mtp_megatron.runtime.mcore_compat import check_config
+
+        check_config(cfg)  # what the installed megatron-core release can run
     except ConfigError as err:
         _report(err)
         return ExitCode.CONFIG

@@ -14,7 +14,15 @@ so a run cut short still leaves what it measured):
 4. ``fp8``: bf16 vs FP8 (``--fp8-format hybrid``, recipes delayed and tensorwise) with MTP
    D=1 and D=2 for ``--steps`` steps from the same seed; loss curves compared.
 5. ``parallel``: TP2 (+ sequence parallel) and PP2 when there are >= 2 GPUs.
-6. ``benchmark``: ``benchmarks/train_throughput.py`` when present (MFU, MTP overhead).
+6. ``mission``: the README's mission command, as a user runs it.
+7. ``resume``: bf16 + distributed optimizer, save at 10, stop, resume to 20, against a
+   straight run.
+8. ``async``: ``--async-save`` commits in the background; a run resumes from it.
+9. ``benchmark``: ``benchmarks/train_throughput.py`` when present (package/bare ratio, MFU,
+   MTP overhead; ``--benchmark-args`` for GPU shapes).
+
+``scripts/device_smoke.sh`` runs env, mission, resume, async and benchmark on a lent GPU
+machine without megatron-core installed (from a carried wheel).
 
 Nothing here runs in ``make test``.
 """
@@ -33,7 +41,8 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py")
-STEPS = ("env", "tests", "examples", "fp8", "parallel", "benchmark")
+STEPS = ("env", "tests", "examples", "fp8", "parallel", "mission", "resume", "async",
+         "benchmark")
 # A model big enough for FP8 to be exercised meaningfully, small enough for minutes.
 CURVE_MODEL = ["--num-layers", "8", "--hidden-size", "1024", "--num-attention-heads", "16",
                "--ffn-hidden-size", "4096", "--seq-length", "1024", "--micro-batch-size", "4",
@@ -120,17 +129,31 @@ def check_env(report: Report, args) -> None:
         except Exception:  # not installed under this name
             pass
     te = info.get("transformer_engine") or info.get("transformer-engine")
-    pin = re.search(r'"te": \["transformer_engine\[pytorch\]([^"]*)"\]',
-                    open(os.path.join(ROOT, "setup.py")).read()).group(1)
-    note = "no Transformer Engine: FP8 steps skip"
+    pin = _te_extra_range()
+    note = "no Transformer Engine: FP8 steps skip, layers use --transformer-impl local"
     if te:
         from packaging.specifiers import SpecifierSet
 
         inside = SpecifierSet(pin, prereleases=True).contains(te.split("+")[0])
-        note = f"TE {te} {'inside' if inside else 'OUTSIDE'} the te extra's range {pin}"
+        note = f"TE {te} {'inside' if inside else 'OUTSIDE'} the te extra's range {pin or 'any'}"
     report.section("Environment", "\n".join(f"- {k}: {v}" for k, v in info.items())
                    + f"\n- {note}")
     report.step("env", "ok" if info["gpus"] else "NO GPU", time.time() - start, note)
+
+
+def _te_extra_range() -> str:
+    """The version range of setup.py's `te` extra as it applies on this Python."""
+    import ast
+    import platform
+
+    from packaging.requirements import Requirement
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    extras = next(ast.literal_eval(kw.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  for kw in n.keywords if kw.arg == "extras_require")
+    env = {"python_version": ".".join(platform.python_version_tuple()[:2])}
+    reqs = [r for r in map(Requirement, extras["te"]) if r.marker is None or r.marker.evaluate(env)]
+    return str(reqs[0].specifier) if reqs else ""
 
 
 def check_tests(report: Report, args) -> None:
@@ -255,19 +278,80 @@ def check_parallel(report: Report, args) -> None:
     report.step("parallel", "ok" if not bad else f"{bad} FAILED", time.time() - start)
 
 
+# The mission command's model, shortened for the resume and async checks.
+SMOKE = ["--mtp-num-layers", "1", "--train-iters", "20", "--log-interval", "1",
+         "--eval-iters", "0", "--mock-data"]
+
+
+def check_mission(report: Report, args) -> None:
+    """The README's mission command as a user runs it (its defaults: 200 iterations)."""
+    out = os.path.join(args.out, "mission")
+    rc, seconds, steps = _train(["--mtp-num-layers", "1"], out, nproc=1)
+    ok = rc == 0 and len(steps) >= 2 and steps[-1]["lm loss"] < steps[0]["lm loss"]
+    loss = f"{steps[0]['lm loss']:.3f} → {steps[-1]['lm loss']:.3f}" if steps else "-"
+    report.section("Mission command (`torchrun launch/pretrain_gpt_mtp.py --mtp-num-layers 1`)",
+                   f"lm loss {loss}\n\n" + _tail(os.path.join(out, "train.log"), 6))
+    report.step("mission", "ok" if ok else f"FAILED (rc {rc})", seconds, f"lm loss {loss}")
+
+
+def _losses(rows, first: int) -> List[float]:
+    return [r["lm loss"] for r in rows if r["iteration"] > first]
+
+
+def check_resume(report: Report, args) -> None:
+    """bf16 + distributed optimizer: straight 20 steps vs 10, save, stop, resume to 20."""
+    start = time.time()
+    base = SMOKE + ["--bf16", "--use-distributed-optimizer", "--save-interval", "10"]
+    straight_dir, split_dir = (os.path.join(args.out, "resume", n) for n in ("straight", "split"))
+    rc1, _, straight = _train(base + ["--save", os.path.join(straight_dir, "ck")],
+                              straight_dir, nproc=1)
+    rc2, _, _ = _train(base + ["--save", os.path.join(split_dir, "ck"), "--exit-interval", "10"],
+                       split_dir, nproc=1)
+    rc3, _, resumed = _train(base + ["--save", os.path.join(split_dir, "ck")],
+                             split_dir + "-resumed", nproc=1)
+    a, b = _losses(straight, 10), _losses(resumed, 10)
+    gap = max((abs(x - y) for x, y in zip(a, b)), default=float("nan"))
+    ok = (rc1, rc2, rc3) == (0, 0, 0) and len(a) == len(b) == 10 and gap <= 1e-2
+    note = f"iterations 11-20, max |straight - resumed| lm loss {gap:.2e}"
+    report.section("bf16 + distributed optimizer: save at 10, resume to 20",
+                   f"{note} (bit-exact on CPU; GPU kernels may reorder sums)\n\n"
+                   + _tail(os.path.join(split_dir + "-resumed", "train.log"), 6))
+    report.step("resume", "ok" if ok else f"FAILED (rc {rc1},{rc2},{rc3})", time.time() - start,
+                note)
+
+
+def check_async(report: Report, args) -> None:
+    """--async-save: the checkpoints commit in the background and a run resumes from them."""
+    start = time.time()
+    out = os.path.join(args.out, "async")
+    ck = os.path.join(out, "ck")
+    rc1, _, _ = _train(SMOKE + ["--async-save", "--save", ck, "--save-interval", "5"], out,
+                       nproc=1)
+    tracker = os.path.join(ck, "latest_checkpointed_iteration.txt")
+    latest = open(tracker).read().strip() if os.path.exists(tracker) else "none"
+    rc2, _, resumed = _train(SMOKE + ["--save", ck, "--train-iters", "22"], out + "-resumed",
+                             nproc=1)
+    first = resumed[0]["iteration"] if resumed else None
+    ok = (rc1, rc2) == (0, 0) and latest == "20" and first == 21
+    note = f"tracker {latest}, resumed at iteration {first}"
+    report.section("Async save", note + "\n\n" + _tail(os.path.join(out, "train.log"), 6))
+    report.step("async", "ok" if ok else f"FAILED (rc {rc1},{rc2})", time.time() - start, note)
+
+
 def check_benchmark(report: Report, args) -> None:
     script = os.path.join(ROOT, "benchmarks", "train_throughput.py")
     if not os.path.exists(script):
         report.step("benchmark", "skipped", 0, "benchmarks/train_throughput.py not present")
         return
     log = os.path.join(args.out, "benchmark.log")
-    rc, seconds = _run([sys.executable, script], log, 3600)
+    rc, seconds = _run([sys.executable, script, *args.benchmark_args.split()], log, 3600)
     report.section("Throughput benchmark (`benchmarks/train_throughput.py`)", _tail(log, 40))
     report.step("benchmark", "ok" if rc == 0 else f"FAILED (rc {rc})", seconds)
 
 
 CHECKS = {"env": check_env, "tests": check_tests, "examples": check_examples,
-          "fp8": check_fp8, "parallel": check_parallel, "benchmark": check_benchmark}
+          "fp8": check_fp8, "parallel": check_parallel, "mission": check_mission,
+          "resume": check_resume, "async": check_async, "benchmark": check_benchmark}
 
 
 def main(argv=None) -> int:
@@ -276,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=",".join(STEPS),
                         help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--steps", type=int, default=100, help="bf16 vs FP8 curve length")
+    parser.add_argument("--benchmark-args", default="",
+                        help="extra flags for benchmarks/train_throughput.py (GPU shapes)")
     args = parser.parse_args(argv)
     args.out = os.path.abspath(args.out)
     report = Report(args.out)

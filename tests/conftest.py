@@ -35,6 +35,21 @@ os.environ[STRICT_ENV] = "1"
 _VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the user started pytest
 
 
+def pytest_configure(config):
+    """Imports that start a process, done here before any test, or the first unmarked test
+    that triggers one is refused for starting a process: matplotlib builds its font cache
+    on first import (``fc-list``; a fresh CI machine has none), megatron-core 0.19 asks
+    ``git rev-parse`` for its version, and a CUDA build of torch finds its libraries with
+    ``ldconfig -p`` (cuda.pathfinder) when megatron-core first loads them."""
+    with contextlib.suppress(ImportError):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.font_manager  # noqa: F401
+    with contextlib.suppress(ImportError):
+        import megatron.core.parallel_state  # noqa: F401
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -59,14 +59,17 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 INJECT_ENV = "MTP_MEGATRON_INJECT_SAVE_ERROR"
 
 
-def describe(error: BaseException) -> str:
+def describe(error: BaseException, details: Optional[List[Optional[str]]] = None) -> str:
     """One line for an error: errno text and path for OSError, the root cause for
-    torch's CheckpointException (which carries the failing ranks' exceptions)."""
+    torch's CheckpointException (which carries the failing ranks' exceptions; ``details``,
+    by rank, replace a failing rank's text with what its writer logged)."""
     if isinstance(error, CheckpointException):
         failures = getattr(error, "failures", {}) or {}
         parts = []
         for rank, (exc, _trace) in sorted(failures.items()):
             text = describe(exc).replace("RuntimeError: Worker failure: ", "")
+            if details and rank < len(details) and details[rank]:
+                text = details[rank]
             parts.append(f"rank {rank}: {text}")
         return "; ".join(parts) or "a write failed on another rank"
     if isinstance(error, OSError) and error.strerror:
@@ -77,6 +80,34 @@ def describe(error: BaseException) -> str:
     if "unexpected pos" in line:  # torch.save's zip writer after a short write
         line += " (a short write: the disk is full or a file size limit was hit)"
     return f"{type(error).__name__}: {line}"
+
+
+class _WriterErrors(logging.Handler):
+    """What megatron-core's checkpoint writers log when a write fails. 0.19's writer
+    threads report a failed write as "An error is caught while starting worker 0, error:
+    <class 'OSError'>" (the type only) and log the cause itself ("Local worker 0
+    encountered an error: [Errno 27] File too large"); this keeps the first cause."""
+
+    LOGGER = "megatron.core.dist_checkpointing"
+    MARK = "encountered an error: "
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.first: Optional[str] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.first is None and self.MARK in message:
+            self.first = message.split(self.MARK, 1)[1].strip().splitlines()[0][:300]
+
+    @contextlib.contextmanager
+    def captured(self) -> Iterator[None]:
+        log = logging.getLogger(self.LOGGER)
+        log.addHandler(self)
+        try:
+            yield
+        finally:
+            log.removeHandler(self)
 
 
 def _peer_gone(error: BaseException) -> bool:
@@ -206,19 +237,21 @@ class SaveGuard:
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Around ``dist_checkpointing.save``: its failures as one CheckpointError."""
+        writers = _WriterErrors()
         try:
-            with no_orphan_writers():
+            with writers.captured(), no_orphan_writers():
                 yield
         except CheckpointException as exc:
             # megatron-core broadcast the failure: every rank is here; rank 0 (its
-            # coordinator) holds every failing rank's exception
-            raise self._fail([from_rank0(describe(exc))]) from None
+            # coordinator) holds every failing rank's exception, each rank its writers' log
+            details = comm.all_gather_object(writers.first)
+            raise self._fail([from_rank0(describe(exc, details))]) from None
         except Exception as exc:  # this rank alone: the others wait in a collective
             if _peer_gone(exc):
                 causes = [f"another rank stopped while saving ({describe(exc)}); its own "
                           "error names the cause"]
             else:
-                causes = [f"rank {self.rank}: {describe(exc)}"]
+                causes = [f"rank {self.rank}: {writers.first or describe(exc)}"]
             raise self._fail(causes) from None
 
     def commit(self, files: Dict[str, str]) -> str:

@@ -30,8 +30,8 @@ distributed optimizer (--use-distributed-optimizer) has several formats in megat
   are unchanged; otherwise the load stops and says to use --no-load-optim.
 * ``fully_sharded_model_space`` is deprecated in megatron-core 0.16.
 
-megatron-core 0.16.1 builds the ``fully_reshardable`` tensors from the wrong offsets when a
-DDP buffer has padding between buckets (its "param range exceeds unpadded buffer"
+megatron-core (0.16.1 and 0.19.2) builds the ``fully_reshardable`` tensors from the wrong
+offsets when a DDP buffer has padding between buckets (its "param range exceeds unpadded buffer"
 warning): the save and the load wrap its call in
 :func:`~mtp_megatron.checkpoint.distopt_ranges.padded_world_tensors`, whose docstring has
 the cause and which runs lost state before the fix.
@@ -78,7 +78,7 @@ from mtp_megatron.checkpoint.layout import (
     resolve_load_dir,
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
-from mtp_megatron.runtime import comm, cpu_bridge
+from mtp_megatron.runtime import comm, cpu_bridge, mcore_compat
 from mtp_megatron.training.optim import sub_optimizers
 
 logger = logging.getLogger("mtp_megatron")
@@ -153,13 +153,14 @@ def _gpt(chunk):
 def _prepare_distributed_optimizer_for_load(optimizer) -> None:
     """Give a fresh distributed optimizer the state megatron-core expects before a load.
 
-    megatron-core 0.16.1 without Apex or Transformer Engine (CPU, or a GPU without them)
-    runs torch's Adam, and ``DistributedOptimizer.sharded_state_dict(is_loading=True)``
-    first calls ``state_dict()``, which reads each parameter's Adam ``step`` and asserts
-    there is exactly one value (``assert len(steps) == 1``): on an optimizer that has not
+    megatron-core (0.16.1 and 0.19.2) without Apex or Transformer Engine (CPU, or a GPU
+    without them) runs torch's Adam, and
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls
+    ``state_dict()``, which reads each parameter's Adam ``step`` and asserts there is
+    exactly one value (``assert len(steps) == 1``): on an optimizer that has not
     stepped yet there are none. Allocate the state (zeros; the load overwrites it).
     """
-    if HAVE_APEX_OR_TE:
+    if HAVE_APEX_OR_TE or not mcore_compat.needs("torch_adam_step"):
         return
     for sub in distributed_optimizers(optimizer):
         inner = sub.optimizer
@@ -171,7 +172,8 @@ def _prepare_distributed_optimizer_for_load(optimizer) -> None:
 
 
 def _load_optimizer(optimizer, state_dict) -> None:
-    """``optimizer.load_state_dict``, with megatron-core 0.16.1's torch-Adam path fixed.
+    """``optimizer.load_state_dict``, with megatron-core's torch-Adam path fixed (0.16.1
+    and 0.19.2; ``mcore_compat.WORKAROUNDS["torch_adam_step"]``).
 
     Without Apex or Transformer Engine (CPU, or a GPU without them) the distributed
     optimizer wraps torch's Adam, which keeps a ``step`` tensor per parameter, and
@@ -183,7 +185,8 @@ def _load_optimizer(optimizer, state_dict) -> None:
     ``step``), set the step tensors aside while the parameter state is copied in with
     megatron-core's own loader for the format, then give each parameter its own copy.
     """
-    if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer):
+    if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer) \
+            or not mcore_compat.needs("torch_adam_step"):
         optimizer.load_state_dict(state_dict)
         return
     subs = sub_optimizers(optimizer)
@@ -292,7 +295,7 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
     md = _metadata(_content_metadata(state.cfg.parallel.use_distributed_optimizer))
     model_sd = _model_state(state.model, md)
     sharded = dict(model_sd)
-    with padded_world_tensors(state.optimizer):  # megatron-core 0.16.1 range bug
+    with padded_world_tensors(state.optimizer):  # megatron-core's range bug
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
                                                                   metadata=md)
     sharded["rng_state"] = _rng_state()

@@ -1,9 +1,9 @@
-"""Put each parameter's distributed-optimizer state where megatron-core 0.16.1 reads it.
+"""Put each parameter's distributed-optimizer state where megatron-core reads it.
 
-The bug (megatron-core 0.16.1, ``DistributedOptimizer``; the warning it logs at save and
-load is "'embedding.word_embeddings.weight' param range exceeds unpadded buffer by 64
-elements. It will be padded with zeros which can lead to data corruption", their issue
-#504). The ``fully_reshardable`` format we save builds each parameter's optimizer state
+The bug (megatron-core 0.16.1, still in 0.19.2, ``DistributedOptimizer``; the warning it
+logs at save and load is "'embedding.word_embeddings.weight' param range exceeds unpadded
+buffer by 64 elements. It will be padded with zeros which can lead to data corruption",
+their issue #504). The ``fully_reshardable`` format we save builds each parameter's optimizer state
 (fp32 main weight, ``exp_avg``, ``exp_avg_sq``) by slicing "world tensors" from
 ``get_parameter_state_dp_zero()``, which concatenates the DDP buckets *without* the
 padding at the end of each bucket, with the parameter's range from
@@ -46,6 +46,7 @@ from typing import Iterator, List
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from mtp_megatron.runtime import mcore_compat
 from mtp_megatron.training.optim import sub_optimizers
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -89,7 +90,7 @@ def _padded_dp_zero(sub: DistributedOptimizer, original):
 def padded_world_tensors(optimizer) -> Iterator[None]:
     """Within the block, each distributed optimizer's ``get_parameter_state_dp_zero``
     returns buffer-shaped world tensors (see the module docstring)."""
-    subs = distributed_optimizers(optimizer)
+    subs = distributed_optimizers(optimizer) if mcore_compat.needs("distopt_bucket_padding") else []
     for sub in subs:
         sub.get_parameter_state_dp_zero = _padded_dp_zero(sub, sub.get_parameter_state_dp_zero)
     try:

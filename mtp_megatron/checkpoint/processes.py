@@ -10,9 +10,19 @@ saves too) does two things with processes:
   watch its parent, so after a ``kill -9`` of the run it stays alive forever,
   re-parented to init. A synchronous save collects the results in the same process,
   so a plain ``queue.Queue`` does the job with no process at all.
-* Each save forks one writer process per shard file. They are joined within the save;
-  if the run is killed mid-save they would finish writing into a directory nobody will
-  commit. ``PR_SET_PDEATHSIG`` makes the kernel kill them with their parent.
+* 0.16 forks one writer process per shard file. They are joined within the save; if the
+  run is killed mid-save they would finish writing into a directory nobody will commit.
+  ``PR_SET_PDEATHSIG`` makes the kernel kill them with their parent. (0.19 writes with
+  threads of this process instead: nothing to kill.)
+
+And one thing it leaves in memory: when 0.19's in-process writer threads fail (disk full),
+the exception's traceback keeps an ``io.BytesIO`` and a ``getbuffer()`` view of it in a
+reference cycle, and CPython before 3.12.2 crashes (SIGSEGV in ``bytesiobuf_releasebuffer``)
+when the garbage collector clears such a cycle (python/cpython#111049, #111211): the next
+collection after a failed save killed the run instead of letting it report the error
+(seen with Python 3.12.1). After a failed save, :func:`_keep_failed_save_garbage` moves the
+cycles that are garbage at that moment to ``gc.garbage``, where they are never cleared:
+the failed save's buffers stay allocated, and the run reports its error and exits.
 
     with no_orphan_writers():
         dist_checkpointing.save(sharded, directory, async_sharded_save=False)
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import queue
 import signal
@@ -61,6 +72,20 @@ def no_orphan_writers() -> Iterator[None]:
     _active, _parent_pid = True, os.getpid()
     try:
         yield
+    except BaseException:
+        _keep_failed_save_garbage()
+        raise
     finally:
         _active = False
         filesystem_async._results_queue = before
+
+
+def _keep_failed_save_garbage() -> None:
+    """Move what is unreachable now (the failed writers' cycles) to ``gc.garbage`` instead
+    of clearing it (see the module docstring)."""
+    flags = gc.get_debug()
+    gc.set_debug(flags | gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+    finally:
+        gc.set_debug(flags)

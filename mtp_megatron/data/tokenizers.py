@@ -25,6 +25,7 @@ from megatron.core.tokenizers import MegatronTokenizer
 
 from mtp_megatron.config.data import TOKENIZER_TYPES
 from mtp_megatron.config.fields import ConfigError
+from mtp_megatron.runtime import mcore_compat
 
 BYTE_EOD, BYTE_PAD, BYTE_VOCAB = 256, 257, 258
 MOCK_VOCAB_SIZE = 512
@@ -70,8 +71,7 @@ def build_tokenizer(tokenizer_type: str = "byte-level", tokenizer_model: Optiona
 
 def mock_tokenizer(vocab_size: int = MOCK_VOCAB_SIZE):
     """megatron-core's null tokenizer: ids 0..vocab_size-2, EOD = vocab_size - 1."""
-    return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"},
-                                             vocab_size=vocab_size - 1)
+    return mcore_compat.null_tokenizer(vocab_size)
 
 
 def token_dtype(vocab_size: int):

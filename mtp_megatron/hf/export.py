@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import List
+from typing import Any, Dict, List
 
 import torch
 
@@ -26,6 +26,7 @@ from mtp_megatron.hf.architectures import LLAMA, Architecture, for_model
 from mtp_megatron.hf.config_map import hf_config_kwargs, legacy_config_keys
 from mtp_megatron.hf.convert import Shape, to_hf
 from mtp_megatron.hf.deps import require
+from mtp_megatron.runtime import mcore_compat
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -81,6 +82,18 @@ def _special_ids(cfg: RunConfig, tokenizer):
     return eos, bos if isinstance(bos, int) and bos >= 0 else None
 
 
+def _one_layer_per_depth(state: Dict[str, Any], cfg: RunConfig) -> Dict[str, Any]:
+    """With --mtp-use-repeated-layer the model holds one MTP layer used at every depth;
+    the Hugging Face layout has one module per depth, so each depth gets a copy."""
+    if not (cfg.mtp.enabled and cfg.mtp.mtp_use_repeated_layer):
+        return state
+    first = "mtp.layers.0."
+    for k in range(1, cfg.mtp.mtp_num_layers):
+        for key in [key for key in state if key.startswith(first)]:
+            state[f"mtp.layers.{k}.{key[len(first):]}"] = state[key]
+    return state
+
+
 def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
            ) -> ExportResult:
     """Write ``out`` (created if needed) from the checkpoint at ``load``."""
@@ -99,6 +112,7 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
         model, cfg, tokenizer = load_for_generation(load, device)
         state = {k: v.cpu() if isinstance(v, torch.Tensor) else v
                  for k, v in model.state_dict().items()}
+    state = _one_layer_per_depth(mcore_compat.mtp_layer_state_keys(state), cfg)
     vocab = text_vocab_size(cfg, tokenizer)
     padded = state["embedding.word_embeddings.weight"].shape[0]
     main, mtp = to_hf(state, arch, shape_of(cfg, vocab_size=vocab, padded_vocab=padded))

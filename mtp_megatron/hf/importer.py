@@ -31,6 +31,7 @@ from mtp_megatron.hf.config_map import model_values_from_hf
 from mtp_megatron.hf.convert import Shape, from_hf
 from mtp_megatron.hf.deps import HFError, require
 from mtp_megatron.hf.export import shape_of
+from mtp_megatron.runtime import mcore_compat
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -141,7 +142,7 @@ def import_hf(hf_dir: str, save: str, *, mtp_num_layers: Optional[int] = 1,
     with single_rank(seed=seed) as device:
         torch.manual_seed(seed)
         model = build_for_generation(cfg, shape.padded_vocab, device)
-        _load_into(model, state, fresh, hf_dir)
+        _load_into(model, mcore_compat.mtp_layer_state_keys_for_model(state), fresh, hf_dir)
         save_model_weights([model], cfg, save)
     config_path = os.path.join(save, RUN_CONFIG)
     sections = to_dict(cfg)

@@ -18,13 +18,12 @@ from typing import Any, Dict, Iterator, Tuple
 import torch
 import yaml
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from mtp_megatron.config import RunConfig, build_config
 from mtp_megatron.data.tokenizers import MOCK_VOCAB_SIZE, mock_tokenizer
 from mtp_megatron.data.tokenizers import build_tokenizer as data_tokenizer
 from mtp_megatron.model.builder import build_gpt_chunk, transformer_config, vocab_size_for
-from mtp_megatron.runtime import distributed
+from mtp_megatron.runtime import distributed, mcore_compat
 from mtp_megatron.runtime.launch_env import LaunchEnv, free_port
 
 SINGLE_RANK = {
@@ -78,7 +77,7 @@ def text_vocab_size(cfg: RunConfig, tokenizer) -> int:
 
 def build_for_generation(cfg: RunConfig, padded_vocab: int, device: torch.device) -> GPTModel:
     """A fresh single-rank GPTModel (MTP block included) in eval mode."""
-    MTPLossLoggingHelper.tracker.clear()
+    mcore_compat.reset_mtp_tracker()
     one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **SINGLE_RANK))
     tconfig = transformer_config(one_rank, on_cpu=device.type == "cpu")
     model = build_gpt_chunk(one_rank, tconfig, "local", padded_vocab)

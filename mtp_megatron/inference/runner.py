@@ -23,6 +23,8 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from mtp_megatron.runtime import mcore_compat
+
 
 def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
     """[1, 1, length, start + length] boolean mask, True where a query must not look."""
@@ -39,7 +41,7 @@ class KVCachedRunner:
             raise ValueError("generation needs the whole model on one rank (TP = PP = 1)")
         self.model = model.eval()
         self.vocab_size = vocab_size  # the tokenizer's; logits past it are padding
-        self.num_mtp_layers = len(model.mtp.layers) if model.mtp_process else 0
+        self.num_mtp_layers = model.config.mtp_num_layers or 0 if model.mtp_process else 0
         self.device = next(model.parameters()).device
         self.max_length = 0
         self._rope: Optional[torch.Tensor] = None
@@ -105,7 +107,7 @@ class KVCachedRunner:
         ctx = self._contexts[depth]
         start = ctx.sequence_len_offset
         self._check_room(start, len(tokens))
-        layer = self.model.mtp.layers[depth - 1]
+        layer = mcore_compat.mtp_layer_for_depth(self.model.mtp, depth)
         out = layer._proj_and_transformer_layer(
             hidden_states=hidden,
             decoder_input=self._embed(tokens, start + depth),

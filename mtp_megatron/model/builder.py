@@ -21,10 +21,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
+from mtp_megatron.runtime import mcore_compat
 
 
 def params_dtype(cfg: RunConfig) -> torch.dtype:
@@ -78,6 +78,8 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         cross_entropy_loss_fusion=train.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=train.cross_entropy_fusion_impl,
         attention_backend=AttnBackend[model.attention_backend],
+        **mcore_compat.mtp_config_kwargs(repeated_layer=mtp.mtp_use_repeated_layer,
+                                         detach_heads=mtp.mtp_detach_heads),
         **_p2p_settings(cfg),
         **fp8,
     )
@@ -86,9 +88,9 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
 def _p2p_settings(cfg: RunConfig) -> dict:
     """With virtual pipeline stages and PP=2 the previous and next stage are the same
     rank, and megatron-core's batched p2p (its default) swaps activations and gradients
-    from the third microbatch on (NVIDIA/Megatron-LM#750, #1450). Use separate,
-    overlapped sends/receives with VPP, as Megatron-LM does."""
-    if cfg.virtual_pipeline_size:
+    from the third microbatch on (NVIDIA/Megatron-LM#750, #1450; 0.16 and 0.19). Use
+    separate, overlapped sends/receives with VPP, as Megatron-LM does."""
+    if cfg.virtual_pipeline_size and mcore_compat.needs("vpp_unbatched_p2p"):
         return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
     return {}
 
@@ -118,7 +120,15 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
             tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
-    model = GPTModel(
+    with mcore_compat.gpt_model_deprecation_silenced():
+        model = _gpt_model(cfg, tconfig, spec, mtp_spec, vocab_size, vp_stage)
+    _drop_unused_output_weight(model)
+    return model
+
+
+def _gpt_model(cfg: RunConfig, tconfig: TransformerConfig, spec, mtp_spec, vocab_size: int,
+               vp_stage: Optional[int]) -> GPTModel:
+    return GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -131,16 +141,18 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )
-    _drop_unused_output_weight(model)
-    return model
 
 
 def _drop_unused_output_weight(model: GPTModel) -> None:
     """With tied embeddings and the MTP block on a stage that is not the first,
-    megatron-core 0.16.1 allocates ``output_layer.weight`` there but computes every logit
-    with the stage's embedding copy, and its checkpointing then asserts the weight is
-    absent ("output layer will not have any weight"). Remove the dead parameter before
-    DDP sees it: no gradient was ever lost, and V x h memory is saved."""
+    megatron-core (0.16 and 0.19) allocates ``output_layer.weight`` there but computes
+    every logit with the stage's embedding copy. 0.16's checkpointing then asserts the
+    weight is absent ("output layer will not have any weight"); 0.19 saves it under a key
+    no other layout has, so a PP2 checkpoint would not load into PP1 or back. Remove the
+    dead parameter before DDP sees it: no gradient was ever lost, and V x h memory is
+    saved (``mcore_compat.WORKAROUNDS["unused_mtp_output_weight"]``)."""
+    if not mcore_compat.needs("unused_mtp_output_weight"):
+        return
     if (model.share_embeddings_and_output_weights and model.mtp_process
             and not model.pre_process and model.post_process
             and model.output_layer.weight is not None):
@@ -175,7 +187,7 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     shape ((192,))"), and the distributed optimizer's buffers get two dtypes.
     """
     # The MTP loss tracker is a process global: start each model with a clean one.
-    MTPLossLoggingHelper.tracker.clear()
+    mcore_compat.reset_mtp_tracker()
     stages = cfg.virtual_pipeline_size or 1
     chunks = [
         build_gpt_chunk(cfg, tconfig, transformer_impl, vocab_size,
@@ -186,9 +198,10 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.to(device)
-        if tconfig.fp16 or tconfig.bf16:
+        if (tconfig.fp16 or tconfig.bf16) and mcore_compat.needs("float16_module"):
             chunk = Float16Module(tconfig, chunk)
-        wrapped.append(DistributedDataParallel(
-            tconfig, ddp_config, chunk, disable_bucketing=i > 0,
-        ))
+        with mcore_compat.ddp_layout_notice_silenced():
+            wrapped.append(DistributedDataParallel(
+                tconfig, ddp_config, chunk, disable_bucketing=i > 0,
+            ))
     return wrapped

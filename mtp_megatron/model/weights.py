@@ -32,7 +32,8 @@ def _unwrap(chunk):
 
 @contextlib.contextmanager
 def _unused_output_weight_hidden(model):
-    """Hide the output weight megatron-core 0.16.1 allocates but never uses.
+    """Hide the output weight megatron-core allocates but never uses (a model built
+    without ``builder._drop_unused_output_weight``).
 
     With MTP and tied embeddings on a pipeline stage other than the first, the MTP
     stage's copy of the word embedding is the output head, yet ``GPTModel`` still

@@ -76,7 +76,8 @@ def stage_shards(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, Sha
     embedding = Shards(s.vocab * s.h, s.max_pos * s.h if s.learned_pos else 0)
     # Tied weights: logits use the embedding this stage holds (its own, or the MTP copy).
     output = last and not (tied and (first or mtp_here))
-    depth = cfg.mtp.mtp_num_layers if mtp_here else 0
+    # --mtp-use-repeated-layer: one MTP module's weights, run at every depth
+    depth = (1 if cfg.mtp.mtp_use_repeated_layer else cfg.mtp.mtp_num_layers) if mtp_here else 0
     return {
         "decoder": layer_shards(cfg, s) * (cfg.model.num_layers // pp),
         "embedding": embedding if (first or mtp_here) else none,

@@ -42,6 +42,10 @@ def header(plan: Plan) -> List[str]:
                   par.data_parallel_size)
     pp = par.pipeline_model_parallel_size
     mtp = f"MTP depth {cfg.mtp.mtp_num_layers}" if cfg.mtp.enabled else "no MTP"
+    if cfg.mtp.enabled and cfg.mtp.mtp_use_repeated_layer:
+        mtp += " (one repeated MTP layer)"
+    if cfg.mtp.enabled and cfg.mtp.mtp_detach_heads:
+        mtp += " (detached heads: MTP gradients stop at the MTP layers)"
     vpp = cfg.virtual_pipeline_size
     vpp = f", {vpp} virtual stages per rank" if vpp else ""
     return [
@@ -137,7 +141,7 @@ def memory_table(plan: Plan) -> List[str]:
             how += f" ({train.recompute_method}, {train.recompute_num_layers} layers)"
         mtp = "MTP layers recomputed too" if plan.cfg.mtp.enabled and (
             how.startswith("selective") or train.recompute_method == "uniform") else (
-            "MTP layers NOT recomputed (megatron-core 0.16.1, block)" if plan.cfg.mtp.enabled
+            "MTP layers NOT recomputed (megatron-core: block)" if plan.cfg.mtp.enabled
             else "")
         lines.append(f"  activation recompute: {how}" + (f"; {mtp}" if mtp else ""))
     if plan.all_fit is False:

@@ -1,17 +1,24 @@
-"""Bridge megatron-core 0.16.1's CUDA-only calls so it trains on CPU with gloo.
+"""Bridge megatron-core's CUDA-only calls so it trains on a machine without a GPU.
 
 megatron-core assumes a GPU in a handful of places that have nothing to do with the
-maths (device strings, RNG bookkeeping, type-name asserts). On a machine without CUDA
-each of them fails with "Torch not compiled with CUDA enabled". :func:`install` patches
-exactly those places, and only when ``torch.cuda.is_available()`` is False: on a GPU
-machine it does nothing. Each patch says what it fixes and why it is safe.
+maths (device strings, streams, RNG bookkeeping, type-name asserts). Without a usable GPU
+each fails: "Torch not compiled with CUDA enabled" with the CPU-only torch wheel, "Found
+no NVIDIA driver" with a CUDA build of torch on a machine without one (the registry's
+torch on Python 3.12). :func:`install` bridges exactly those places, and only when
+``torch.cuda.is_available()`` is False: on a GPU machine it does nothing.
+
+Every patch is scoped and undoable: it replaces a name *inside the megatron-core module
+that needs it* (that module's ``torch`` becomes :class:`_CpuTorch`, whose ``cuda`` is
+:class:`_CpuCuda`), or wraps one megatron-core function so that a patch of torch holds
+only while that function runs. Nothing in ``torch`` itself stays patched. All of it goes
+through one undo list; :func:`uninstall` (called at shutdown) restores everything.
 
     from mtp_megatron.runtime import cpu_bridge
     cpu_bridge.install()   # idempotent; a no-op when CUDA is present
-    cpu_bridge.uninstall() # restores everything (tests)
+    cpu_bridge.uninstall() # restores everything (shutdown, tests)
 
-It checks the installed megatron-core against :data:`SUPPORTED_MCORE`, the versions the
-patches were written for, and refuses others with a message that says which to install.
+Which modules need the CPU ``torch`` differs per megatron-core release:
+:func:`mtp_megatron.runtime.mcore_compat.cpu_bridge_modules` owns that table.
 """
 
 from __future__ import annotations
@@ -21,29 +28,18 @@ import functools
 import importlib
 import logging
 import types
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
-from mtp_megatron.config import ConfigError
+from mtp_megatron.runtime import mcore_compat
 
 logger = logging.getLogger(__name__)
 
 _INSTALLED = False
 _UNDO: List[Tuple[Any, str, Any]] = []  # (owner, attribute, previous value), in order
 _MISSING = object()
-_MODULES_WITH_CUDA_FACTORIES = (
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.grad_scaler",
-    "megatron.core.rerun_state_machine",
-    "megatron.core.tensor_parallel.data",
-    "megatron.core.transformer.utils",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex)
-)
 _ORIG_TENSOR_TYPE = torch.Tensor.type
 
 
@@ -56,30 +52,88 @@ def _cpu_device(device):
     return device
 
 
+class _NullStream:
+    """A CUDA stream stand-in: on the CPU every op is complete when it returns, so there
+    is nothing to wait for."""
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+
+class _CpuCuda(types.ModuleType):
+    """A stand-in for ``torch.cuda`` inside one megatron-core module: "the current CUDA
+    device" is the CPU, synchronisation and streams are no-ops (CPU ops and gloo
+    collectives on CPU tensors are complete when they return). Every other attribute is
+    ``torch.cuda``'s own (``is_available()`` still says False)."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def Stream(*args, **kwargs):  # noqa: N802 (torch's name)
+        return _NullStream()
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
 class _CpuTorch(types.ModuleType):
     """A stand-in for the ``torch`` module inside one megatron-core module.
 
-    Factory functions called with ``device="cuda"`` get ``device="cpu"``; every
-    other attribute is torch's own. Installed as ``<module>.torch`` only.
+    Factory functions called with ``device="cuda"`` get ``device="cpu"``, ``cuda`` is
+    :class:`_CpuCuda`; every other attribute is torch's own. Installed as
+    ``<module>.torch`` only.
     """
 
     _FACTORIES = ("zeros", "ones", "empty", "empty_like", "full", "tensor", "arange")
 
     def __init__(self):
         super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in self._FACTORIES:
+            setattr(self, name, self._factory(getattr(torch, name)))
+
+    @staticmethod
+    def _factory(attr):
+        @functools.wraps(attr)
+        def factory(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return attr(*args, **kwargs)
+
+        return factory
 
     def __getattr__(self, name):
-        attr = getattr(torch, name)
-        if name in self._FACTORIES:
-
-            @functools.wraps(attr)
-            def factory(*args, **kwargs):
-                if "device" in kwargs:
-                    kwargs["device"] = _cpu_device(kwargs["device"])
-                return attr(*args, **kwargs)
-
-            return factory
-        return attr
+        return getattr(torch, name)
 
 
 def _cuda_type_name(self, *args, **kwargs):
@@ -92,48 +146,37 @@ def _cuda_type_name(self, *args, **kwargs):
     return name
 
 
+def _tensor_stays(self, *args, **kwargs):
+    """``Tensor.cuda()`` without a GPU: the tensor stays where it is."""
+    return self
+
+
 @contextlib.contextmanager
-def _cpu_tensors_pass_cuda_type_checks():
-    torch.Tensor.type = _cuda_type_name
+def _tensor_methods(**methods):
+    """Replace ``torch.Tensor`` methods for the duration of the block only."""
+    saved = {name: torch.Tensor.__dict__.get(name, _MISSING) for name in methods}
+    for name, method in methods.items():
+        setattr(torch.Tensor, name, method)
     try:
         yield
     finally:
-        torch.Tensor.type = _ORIG_TENSOR_TYPE
+        for name, method in saved.items():
+            if method is _MISSING:
+                delattr(torch.Tensor, name)  # inherited from torch._C.TensorBase again
+            else:
+                setattr(torch.Tensor, name, method)
 
 
-def _with_cuda_type_names(fn):
+def _scoped(fn, **methods):
+    """``fn`` with the given Tensor methods replaced while (and only while) it runs."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cpu_tensors_pass_cuda_type_checks():
+        with _tensor_methods(**methods):
             return fn(*args, **kwargs)
 
+    wrapper.__wrapped_by_cpu_bridge__ = True
     return wrapper
-
-
-# The megatron-core versions whose internals the patches below were written against:
-# every name patched here exists and means the same in 0.16.x. Another minor version may
-# rename or move them, and a silently missing patch fails far from its cause.
-SUPPORTED_MCORE = (">=0.16.1", "<0.17")
-
-
-def megatron_core_version() -> str:
-    from importlib.metadata import version
-
-    return version("megatron-core")
-
-
-def check_megatron_core_version(found: Optional[str] = None) -> None:
-    """Raise :class:`ConfigError` unless megatron-core is in :data:`SUPPORTED_MCORE`."""
-    from packaging.specifiers import SpecifierSet
-
-    found = megatron_core_version() if found is None else found
-    wanted = ",".join(SUPPORTED_MCORE)
-    if found not in SpecifierSet(wanted, prereleases=True):
-        raise ConfigError(
-            "megatron-core", found, f"{wanted} on a machine without CUDA",
-            "mtp_megatron/runtime/cpu_bridge.py patches megatron-core internals by name as "
-            f"they are in those versions; pip install 'megatron-core{wanted}'",
-        )
 
 
 def _patch(owner, name: str, value) -> None:
@@ -142,76 +185,82 @@ def _patch(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
+def _resolve(path: str):
+    """``"package.module:Class.attr"`` -> (owner object, attribute name)."""
+    module_name, _, attr_path = path.partition(":")
+    owner = importlib.import_module(module_name)
+    *parents, name = attr_path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, name
+
+
 def install() -> bool:
     """Install the CPU patches if CUDA is unavailable. Returns True if installed.
 
-    Raises :class:`ConfigError` when the installed megatron-core is not a version the
-    patches were written for (:data:`SUPPORTED_MCORE`).
+    Raises :class:`~mtp_megatron.config.ConfigError` when the installed megatron-core is
+    not a release this package is tested with (``mcore_compat.check_supported``).
     """
     global _INSTALLED
     if torch.cuda.is_available():
         return False
     if _INSTALLED:
         return True
-    check_megatron_core_version()
-
-    from megatron.core.optimizer import clip_grads, distrib_optimizer
-    from megatron.core.optimizer import optimizer as mcore_opt_module
+    mcore_compat.line()
     from megatron.core.tensor_parallel import random as mcore_random
 
-    # RoPE (`inv_freq.to(torch.cuda.current_device())`), the MTP loss tracker and the
-    # param/grad buffers ask for "the current CUDA device"; without CUDA the only
-    # device is the CPU, so answer that instead of raising.
-    _patch(torch.cuda, "current_device", lambda: "cpu")
+    try:
+        # Device strings, streams, synchronisation and small bookkeeping tensors made with
+        # device="cuda" (token counters, overflow flags, loss scales, the MTP tracker,
+        # RoPE's inv_freq, p2p shape exchange): the module's `torch` is the CPU stand-in.
+        for module in mcore_compat.cpu_bridge_modules():
+            _patch(importlib.import_module(module), "torch", _CpuTorch())
 
-    # Pipeline p2p calls `torch.cuda.synchronize()` after batched send/recv so the
-    # CUDA stream has finished; gloo ops on CPU tensors are already complete.
-    _patch(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+        # `weight.data.cuda()` when the MTP/last stage ties its embedding copy to the
+        # first stage (PP > 1), and `.cuda()` when a loss scale is reloaded: there is no
+        # GPU to move to, so the tensor stays where it is, inside those functions only.
+        for path in mcore_compat.cpu_bridge_tensor_cuda_callers():
+            owner, name = _resolve(path)
+            _patch(owner, name, _scoped(getattr(owner, name), cuda=_tensor_stays))
 
-    # `weight.data.cuda()` when the MTP/last stage ties its embedding copy to the
-    # first stage (PP > 1), and `.cuda()` in optimizer state reloads: there is no
-    # GPU to move to, so the tensor stays where it is.
-    _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+        # Grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`, and the
+        # (distributed) mixed-precision optimizers reject anything not named
+        # `torch.cuda.*Tensor`; the checks are about dtype, which CPU tensors satisfy.
+        for path in mcore_compat.cpu_bridge_type_name_checkers():
+            owner, name = _resolve(path)
+            _patch(owner, name, _scoped(getattr(owner, name), type=_cuda_type_name))
 
-    # These modules allocate small bookkeeping tensors with `device="cuda"`: token
-    # counters (schedules), overflow flags and loss scales (optimizers, grad scaler,
-    # clipping), the rerun state machine's flags, the broadcast of batch sizes.
-    for module in _MODULES_WITH_CUDA_FACTORIES:
-        _patch(importlib.import_module(module), "torch", _CpuTorch())
+        # The CUDA RNG tracker (model-parallel seeds, forked around dropout) stores and
+        # swaps CUDA generator states; keep per-name CPU generator states instead.
+        for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
+            _patch(mcore_random, name, getattr(mcore_random, name))
+        _patch(mcore_random, "CudaRNGStatesTracker", CpuRNGStatesTracker)
+        mcore_random.initialize_rng_tracker(force_reset=True)
 
-    # The CUDA RNG tracker (model-parallel seeds, forked around dropout) stores and
-    # swaps CUDA generator states; keep per-name CPU generator states instead.
-    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
-        _patch(mcore_random, name, getattr(mcore_random, name))
-    _patch(mcore_random, "CudaRNGStatesTracker", CpuRNGStatesTracker)
-    mcore_random.initialize_rng_tracker(force_reset=True)
-
-    # Activation recompute (`tensor_parallel.checkpoint`) saves and restores the CPU
-    # generator, the tracker's states and "the CUDA generator"; without CUDA there is
-    # none (dropout draws from the CPU generator, already saved), so that part is empty.
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(
-        0, dtype=torch.uint8, device="cpu")
-    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
-
-    # Grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`, and the
-    # (distributed) mixed-precision optimizers reject anything not named
-    # `torch.cuda.*Tensor`; the checks are about dtype, which CPU tensors satisfy.
-    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    _patch(clip_grads, "clip_grad_by_total_norm_fp32", clip)
-    _patch(mcore_opt_module, "clip_grad_by_total_norm_fp32", clip)
-    for cls in (
-        distrib_optimizer.DistributedOptimizer,
-        mcore_opt_module.Float16OptimizerWithFloat16Params,
-    ):
-        _patch(cls, "__init__", _with_cuda_type_names(cls.__init__))
+        # Activation recompute (`tensor_parallel.checkpoint`) saves and restores the CPU
+        # generator, the tracker's states and "the CUDA generator"; without CUDA there is
+        # none (dropout draws from the CPU generator, already saved), so that part is empty.
+        _patch(mcore_random, "_get_cuda_rng_state", _no_cuda_rng_state)
+        _patch(mcore_random, "_set_cuda_rng_state", _set_no_cuda_rng_state)
+    except BaseException:
+        uninstall()
+        raise
 
     _INSTALLED = True
     logger.debug("CPU bridge for megatron-core installed")
     return True
 
 
+def _no_cuda_rng_state(*args, **kwargs):
+    return torch.empty(0, dtype=torch.uint8, device="cpu")
+
+
+def _set_no_cuda_rng_state(*args, **kwargs):
+    return None
+
+
 def uninstall() -> None:
-    """Undo :func:`install` (tests that must not leave torch patched for later ones)."""
+    """Undo :func:`install`: every megatron-core name it replaced is restored."""
     global _INSTALLED
     while _UNDO:
         owner, name, old = _UNDO.pop()
@@ -220,6 +269,10 @@ def uninstall() -> None:
         else:
             setattr(owner, name, old)
     _INSTALLED = False
+
+
+def installed() -> bool:
+    return _INSTALLED
 
 
 class CpuRNGStatesTracker(CudaRNGStatesTracker):

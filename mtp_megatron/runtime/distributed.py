@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from mtp_megatron.config import RunConfig
-from mtp_megatron.runtime import comm, cpu_bridge, strict_device
+from mtp_megatron.runtime import comm, cpu_bridge, mcore_compat, strict_device
 from mtp_megatron.runtime.launch_env import LaunchEnv
 
 logger = logging.getLogger("mtp_megatron")
@@ -52,6 +52,7 @@ def select_cuda_device(local_rank: int, visible: int) -> int:
 def initialize(cfg: RunConfig, launch: LaunchEnv) -> torch.device:
     """Process group, model-parallel groups and seeds. Returns this rank's device."""
     par = cfg.parallel  # preflight() already matched --world-size with the launcher
+    mcore_compat.line()  # a tested megatron-core release, or a ConfigError naming them
     if torch.cuda.is_available():
         index = select_cuda_device(launch.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(index)
@@ -96,6 +97,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
     comm.teardown()
     strict_device.uninstall()
+    cpu_bridge.uninstall()  # megatron-core and torch as they were before initialize()
 
 
 def is_last_rank() -> bool:

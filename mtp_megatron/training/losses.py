@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from mtp_megatron.runtime import comm
+from mtp_megatron.runtime import comm, mcore_compat
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -77,6 +76,7 @@ class WindowLosses:
     steps: int
     lm: Optional[List[float]]
     mtp: Optional[List[float]]
+    mtp_acceptance: Optional[List[float]] = None
 
 
 class LossWindow:
@@ -109,22 +109,34 @@ class LossWindow:
             total = torch.stack(self.lm_sums)  # [steps, 2]
             _all_reduce_sum_dp(total)
             lm = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
-        out = WindowLosses(self.steps, lm, collect_mtp_losses(self.num_microbatches * self.steps))
+        mtp, acceptance = collect_mtp_metrics(self.num_microbatches * self.steps)
+        out = WindowLosses(self.steps, lm, mtp, acceptance)
         self.lm_sums, self.steps = [], 0
         return out
 
 
-def collect_mtp_losses(num_microbatches: int) -> Optional[List[float]]:
-    """Per-depth MTP losses summed in the tracker since the last call, divided by
-    ``num_microbatches`` (microbatches per step x steps), mean over DP; then reset.
+def collect_mtp_metrics(num_microbatches: int) -> Tuple[Optional[List[float]],
+                                                       Optional[List[float]]]:
+    """Per-depth MTP losses and training acceptance since the last call, then reset.
 
-    Call on every rank at the same iterations: ranks without MTP layers return None,
-    ranks with them all-reduce over their data-parallel group.
+    Losses: the tracker's sums divided by ``num_microbatches`` (microbatches per step x
+    steps), mean over data-parallel ranks. Acceptance (megatron-core 0.19; None on 0.16,
+    whose tracker counts no hits): top-1 hits / positions summed over the window and the
+    data-parallel ranks, the definition validation uses (``training/evaluate.py``).
+
+    Call on every rank at the same iterations: ranks without MTP layers return (None,
+    None), ranks with them all-reduce over their data-parallel group.
     """
-    tracker = MTPLossLoggingHelper.tracker
-    if "values" not in tracker or not num_microbatches:
-        return None
-    MTPLossLoggingHelper.reduce_loss_in_tracker()
-    values = (tracker["values"] / num_microbatches).tolist()
-    MTPLossLoggingHelper.clean_loss_in_tracker()
-    return values
+    sums = mcore_compat.take_mtp_sums()
+    if sums is None or not num_microbatches:
+        return None, None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    parts = [sums.loss] + ([sums.correct, sums.total] if sums.correct is not None else [])
+    packed = torch.stack(parts)  # one collective for everything
+    comm.all_reduce(packed, group=group)
+    dp = torch.distributed.get_world_size(group=group)
+    rows = [packed[0] / dp / num_microbatches]
+    if sums.correct is not None:
+        rows.append(packed[1] / packed[2].clamp(min=1))
+    values = torch.stack(rows).tolist()  # one host copy
+    return values[0], (values[1] if len(values) > 1 else None)

@@ -1,14 +1,17 @@
 """Megatron-style iteration log lines (last rank); the numbers go to a MetricsWriter.
 
     iteration 20/200 | elapsed 0:00:09 | ETA 0:01:21 | lm loss 3.512345E+00 |
-    mtp_1 loss 4.012345E+00 | lr 1.000000E-03 | grad norm 1.2340 | tokens/s 23456 |
-    ms/iter 87.3 | TFLOP/s/GPU 0.0120 | MFU 0.41 |
+    mtp_1 loss 4.012345E+00 | mtp_1 acceptance 0.3120 | lr 1.000000E-03 |
+    grad norm 1.2340 | tokens/s 23456 | ms/iter 87.3 | TFLOP/s/GPU 0.0120 | MFU 0.41 |
     time ms/iter: data 0.4, forward-backward 80.1, optimizer 6.2, eval 0.0, checkpoint 0.0
 
 ``elapsed`` is the wall time since the logger was made (training start); ``ETA`` is the
 remaining iterations times the wall time per iteration since the previous log line, so
-evaluation and checkpoint saves are included. Steps are recorded with host values only
-(lr, grad norm, seconds); the losses arrive once per window, already reduced
+evaluation and checkpoint saves are included. ``mtp_k acceptance`` (megatron-core 0.19;
+absent on 0.16, whose tracker does not count hits) is the fraction of the window's
+training positions where depth k's top-1 prediction was the token k + 1 ahead: the
+definition validation reports too (``training/evaluate.py``). Steps are recorded with host
+values only (lr, grad norm, seconds); the losses arrive once per window, already reduced
 (:class:`~mtp_megatron.training.losses.WindowLosses`). TFLOP/s is per GPU (per rank), as
 Megatron-LM logs it and as ``--dry-run`` plans MFU: ``tokens/s x FLOPs per token (MTP
 counted) / world size``; MFU divides it by the GPU's peak (``--peak-tflops``, or
@@ -62,6 +65,8 @@ class StepMetrics:
     seconds: float
     skipped: bool = False
     stop_reason: Optional[str] = None
+    # per-depth top-1 acceptance in training (megatron-core 0.19's tracker; None on 0.16)
+    mtp_acceptance: Optional[List[float]] = None
 
 
 @dataclass
@@ -122,6 +127,9 @@ class MetricsLogger:
         if losses is not None and losses.mtp is not None:
             for step in steps:
                 step.mtp_losses = list(losses.mtp)
+        if losses is not None and getattr(losses, "mtp_acceptance", None) is not None:
+            for step in steps:
+                step.mtp_acceptance = list(losses.mtp_acceptance)
         line, row = self._summarise(timings or {})
         self.window = _Window()
         logger.info(line)
@@ -146,6 +154,9 @@ class MetricsLogger:
         depths = max((len(s.mtp_losses or []) for s in steps), default=0)
         for k in range(depths):
             row[f"mtp_{k + 1} loss"] = _mean(s.mtp_losses[k] for s in steps if s.mtp_losses)
+        accepted = [s.mtp_acceptance for s in steps if s.mtp_acceptance]
+        for k in range(len(accepted[-1]) if accepted else 0):
+            row[f"mtp_{k + 1} acceptance"] = accepted[-1][k]  # already the window's rate
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),

@@ -163,12 +163,15 @@ def forward(w: Weights, cfg: ReferenceConfig, tokens: torch.Tensor, labels: torc
 
 
 def step_objective(w: Weights, cfg: ReferenceConfig, microbatches: List[Dict[str, torch.Tensor]],
-                   per_token: bool = False) -> torch.Tensor:
+                   per_token: bool = False, rescale_rolled: bool = False) -> torch.Tensor:
     """The objective of one optimizer step over a global batch cut into microbatches.
 
     Default: the mean over microbatches of each microbatch's objective. ``per_token``:
     every term's masked sum over the whole batch divided by the lm token count of the
     whole batch (megatron-core's ``--calculate-per-token-loss``, see docs/mtp-objective.md).
+    ``rescale_rolled`` (with ``per_token``): each microbatch's depth-k sum is first scaled
+    by (its lm tokens / its depth-k tokens), so a depth weighs as if it had as many
+    tokens as the lm loss (megatron-core >= 0.17, NVIDIA/Megatron-LM#3159; 0.16 does not).
     """
     outs = [forward(w, cfg, mb["tokens"], mb["labels"], mb["loss_mask"]) for mb in microbatches]
     if not per_token:
@@ -177,7 +180,9 @@ def step_objective(w: Weights, cfg: ReferenceConfig, microbatches: List[Dict[str
     lm_count = sum(o["counts"][0] for o in outs)
     total = sum(o["sums"][0] for o in outs)
     for k in range(1, cfg.mtp_num_layers + 1):
-        total = total + depth_weight * sum(o["sums"][k] for o in outs)
+        for o in outs:
+            scale = o["counts"][0] / o["counts"][k].clamp(min=1) if rescale_rolled else 1.0
+            total = total + depth_weight * o["sums"][k] * scale
     return total / lm_count
 
 

@@ -1,24 +1,30 @@
-"""The CPU bridge: each patch does what its comment says, and only without CUDA.
+"""The CPU bridge: each patch does what its comment says, only without CUDA, and only
+inside the megatron-core modules and functions that need it.
 
-The bridge patches torch and megatron-core process-wide, so this module installs it for
-its own tests and uninstalls it afterwards: later in-process tests see torch as it was.
+The bridge replaces names inside megatron-core modules, so this module installs it for
+its own tests and uninstalls it afterwards: later in-process tests see megatron-core as it
+was. torch itself is never left patched (asserted below while it is installed).
 """
+
+import importlib
 
 import pytest
 import torch
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.runtime import cpu_bridge
+from mtp_megatron.runtime import cpu_bridge, mcore_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the bridge is CPU-only")
 
 _ORIGINAL_CUDA = torch.Tensor.cuda
+_ORIGINAL_TYPE = torch.Tensor.type
 _ORIGINAL_CURRENT_DEVICE = torch.cuda.current_device
+_ORIGINAL_SYNCHRONIZE = torch.cuda.synchronize
 
 
 @pytest.fixture(scope="module", autouse=True)
 def bridge():
-    installed_before = cpu_bridge._INSTALLED
+    installed_before = cpu_bridge.installed()
     assert cpu_bridge.install() is True
     assert cpu_bridge.install() is True  # idempotent
     yield
@@ -26,21 +32,52 @@ def bridge():
         cpu_bridge.uninstall()
 
 
-def test_current_device_and_synchronize_answer_for_the_cpu():
-    assert torch.cuda.current_device() == "cpu"
-    assert torch.cuda.synchronize() is None
-    t = torch.ones(3)
-    assert t.cuda() is t
+def test_torch_itself_is_not_patched():
+    """No global patch: torch.cuda and Tensor keep their own functions while installed."""
+    assert torch.cuda.current_device is _ORIGINAL_CURRENT_DEVICE
+    assert torch.cuda.synchronize is _ORIGINAL_SYNCHRONIZE
+    assert torch.Tensor.cuda is _ORIGINAL_CUDA and torch.Tensor.type is _ORIGINAL_TYPE
+    assert "cuda" not in torch.Tensor.__dict__ and "type" not in torch.Tensor.__dict__
+    with pytest.raises((RuntimeError, AssertionError)):  # "not compiled" / "no driver"
+        torch.ones(1).cuda()
 
 
-def test_cuda_factories_in_patched_modules_allocate_on_cpu():
+def test_bridged_modules_see_a_cpu_cuda():
+    """Inside every bridged module: the current device is the CPU, synchronisation and
+    streams are no-ops, cuda factories allocate on the CPU, the rest is torch's own."""
+    for name in mcore_compat.cpu_bridge_modules():
+        mod = importlib.import_module(name)
+        assert isinstance(mod.torch, cpu_bridge._CpuTorch), name
+        assert mod.torch.cuda.current_device() == "cpu"
+        assert mod.torch.cuda.synchronize() is None
+        stream = mod.torch.cuda.current_stream()
+        assert stream.wait_event(object()) is None and stream.wait_stream(stream) is None
+        with mod.torch.cuda.stream(mod.torch.cuda.Stream()):
+            pass
+        assert mod.torch.cuda.is_available() is False
+        assert mod.torch.float32 is torch.float32 and mod.torch.Tensor is torch.Tensor
     from megatron.core.pipeline_parallel import schedules
 
-    for name in ("zeros", "ones", "empty", "tensor"):
-        args = ([1.0],) if name == "tensor" else (2,)
-        out = getattr(schedules.torch, name)(*args, device="cuda")
-        assert out.device.type == "cpu"
-    assert schedules.torch.float32 is torch.float32  # everything else is torch's own
+    for factory in ("zeros", "ones", "empty", "tensor", "full", "arange"):
+        args = {"tensor": ([1.0],), "full": ((2,), 1.0)}.get(factory, (2,))
+        out = getattr(schedules.torch, factory)(*args, device="cuda")
+        assert out.device.type == "cpu", factory
+
+
+def test_tensor_cuda_stays_on_cpu_only_inside_the_callers():
+    owner, name = cpu_bridge._resolve(mcore_compat.cpu_bridge_tensor_cuda_callers()[0])
+    seen = {}
+
+    def probe(self, *args, **kwargs):
+        t = torch.ones(2)
+        seen["same"] = t.cuda() is t
+        return "ok"
+
+    # the wrapper's scoping, applied to a probe with the same mechanism
+    wrapped = cpu_bridge._scoped(probe, cuda=cpu_bridge._tensor_stays)
+    assert wrapped(None) == "ok" and seen["same"]
+    assert torch.Tensor.cuda is _ORIGINAL_CUDA  # restored after the call
+    assert getattr(getattr(owner, name), "__wrapped_by_cpu_bridge__", False)
 
 
 def test_rng_tracker_forks_named_cpu_streams_and_restores_the_default():
@@ -63,6 +100,8 @@ def test_rng_tracker_forks_named_cpu_streams_and_restores_the_default():
     with pytest.raises(Exception, match="not added"):
         with tracker.fork("unknown"):
             pass
+    assert mcore_random._get_cuda_rng_state().numel() == 0
+    assert mcore_random._set_cuda_rng_state(torch.empty(0)) is None
 
 
 def test_cuda_type_checks_pass_only_inside_the_wrapped_functions():
@@ -73,34 +112,54 @@ def test_cuda_type_checks_pass_only_inside_the_wrapped_functions():
     clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=6.0)
     assert torch.allclose(p.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
     assert torch.ones(1).type() == "torch.FloatTensor"  # restored outside
+    assert "type" not in torch.Tensor.__dict__
 
 
-@pytest.mark.parametrize("version", ["0.15.3", "0.17.0", "1.0.0"])
-def test_other_megatron_core_versions_are_refused_by_name(monkeypatch, version):
-    with pytest.raises(ConfigError, match=f"megatron-core='{version}'.*>=0.16.1,<0.17"):
-        cpu_bridge.check_megatron_core_version(version)
-    monkeypatch.setattr(cpu_bridge, "megatron_core_version", lambda: version)
-    monkeypatch.setattr(cpu_bridge, "_INSTALLED", False)
-    with pytest.raises(ConfigError, match="pip install 'megatron-core>=0.16.1,<0.17'"):
-        cpu_bridge.install()
+@pytest.mark.parametrize("version", ["0.15.3", "0.16.0", "0.17.0", "0.18.2", "0.19.1",
+                                     "0.20.0", "1.0.0"])
+def test_other_megatron_core_versions_are_refused_by_name(version):
+    with pytest.raises(ConfigError, match=rf"megatron-core='{version}'.*>=0\.19\.2,<0\.20 "
+                                          r"\(Python 3\.12\) or >=0\.16\.1,<0\.17"):
+        mcore_compat.check_supported(version)
 
 
 def test_supported_versions_pass():
-    for version in ("0.16.1", "0.16.2", cpu_bridge.megatron_core_version()):
-        cpu_bridge.check_megatron_core_version(version)
+    for version in ("0.16.1", "0.16.2", "0.19.2", "0.19.5", mcore_compat.installed_version()):
+        assert mcore_compat.check_supported(version) in mcore_compat.LINES
 
 
-def test_uninstall_restores_torch_and_megatron_core():
+def test_uninstall_restores_megatron_core():
+    from megatron.core.optimizer import clip_grads
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
+    patched_clip = clip_grads.clip_grad_by_total_norm_fp32
     cpu_bridge.uninstall()
     try:
-        assert torch.Tensor.cuda is _ORIGINAL_CUDA
-        assert torch.cuda.current_device is _ORIGINAL_CURRENT_DEVICE
-        assert schedules.torch is torch
+        assert not cpu_bridge.installed() and not cpu_bridge._UNDO
+        for name in mcore_compat.cpu_bridge_modules():
+            assert importlib.import_module(name).torch is torch, name
         assert mcore_random.CudaRNGStatesTracker is not cpu_bridge.CpuRNGStatesTracker
-        with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
-            torch.ones(1).cuda()
+        assert mcore_random._get_cuda_rng_state is not cpu_bridge._no_cuda_rng_state
+        assert clip_grads.clip_grad_by_total_norm_fp32 is not patched_clip
+        assert not hasattr(clip_grads.clip_grad_by_total_norm_fp32, "__wrapped_by_cpu_bridge__")
+        with pytest.raises((RuntimeError, AssertionError)):
+            schedules.torch.zeros(1, device="cuda")
     finally:
+        assert cpu_bridge.install() is True
+
+
+def test_a_failed_install_leaves_nothing_patched(monkeypatch):
+    cpu_bridge.uninstall()
+    try:
+        bad = mcore_compat.cpu_bridge_modules() + ("megatron.core.no_such_module",)
+        monkeypatch.setattr(mcore_compat, "cpu_bridge_modules", lambda: bad)
+        with pytest.raises(ModuleNotFoundError):
+            cpu_bridge.install()
+        assert not cpu_bridge.installed() and not cpu_bridge._UNDO
+        from megatron.core.pipeline_parallel import schedules
+
+        assert schedules.torch is torch
+    finally:
+        monkeypatch.undo()
         assert cpu_bridge.install() is True

@@ -195,17 +195,24 @@ def test_fp8_gemm_widths():
     assert "--hidden-size=200" in msg
 
 
-def test_te_extra_is_the_range_megatron_core_pins():
-    import re
+def test_te_extra_is_the_range_the_installed_megatron_core_declares():
+    """setup.py's `te` extra, as it applies on this Python, asks for the Transformer Engine
+    range the installed megatron-core declares (0.19.2: its own `te` extra; 0.16.1: its dev
+    extra)."""
+    import ast
+    import platform
     from importlib.metadata import requires
 
-    ours = open(os.path.join(ROOT, "setup.py")).read()
-    te_extra = re.search(r'"te": \["transformer_engine\[pytorch\]([^"]*)"\]', ours).group(1)
     from packaging.requirements import Requirement
 
-    mcore = next(Requirement(r) for r in requires("megatron-core")
-                 if r.startswith("transformer-engine"))
-    assert Requirement("transformer_engine" + te_extra).specifier == mcore.specifier
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    extras = next(ast.literal_eval(kw.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  for kw in n.keywords if kw.arg == "extras_require")
+    env = {"python_version": ".".join(platform.python_version_tuple()[:2])}
+    (ours,) = [r for r in map(Requirement, extras["te"]) if r.marker.evaluate(env)]
+    theirs = [Requirement(r) for r in requires("megatron-core")
+              if r.replace("_", "-").startswith("transformer-engine")]
+    assert theirs and all(r.specifier == ours.specifier for r in theirs), (ours, theirs)
 
 
 def test_one_ngc_image_tag_everywhere():

@@ -36,8 +36,12 @@ def _grad_error(mine, ref):
 
 
 def _snapshot_grads(gpt, into):
+    """main_grad by the reference's (megatron-core 0.16) parameter names."""
+    from mtp_megatron.runtime import mcore_compat
+
     def snapshot(_iteration):
-        into.update({n: p.main_grad.detach().clone() for n, p in gpt.named_parameters()})
+        into.update(mcore_compat.mtp_layer_state_keys(
+            {n: p.main_grad.detach().clone() for n, p in gpt.named_parameters()}))
     return snapshot
 
 
@@ -49,6 +53,7 @@ def _run_cases(rank, world_size, cases, output_dir):
     import torch
 
     from mtp_megatron.model.weights import full_weights, load_full_weights
+    from mtp_megatron.runtime import mcore_compat
     from tests.reference import gpt_mtp as ref
     from tests.reference.harness import (
         before_optimizer_step,
@@ -70,7 +75,7 @@ def _run_cases(rank, world_size, cases, output_dir):
         gpt = trainer.model[0].module
         grads = {}
         before_optimizer_step(trainer, _snapshot_grads(gpt, grads))
-        weights = ref.leaf_weights(gpt.state_dict())
+        weights = ref.leaf_weights(mcore_compat.mtp_layer_state_keys(gpt.state_dict()))
         step = trainer.train_step()
         finish(trainer)
 
@@ -82,11 +87,16 @@ def _run_cases(rank, world_size, cases, output_dir):
         lm = (sum(o["sums"][0] for o in outs) / sum(o["counts"][0] for o in outs)).item()
         mtp = [sum(o["mtp"][k] for o in outs).item() / len(outs) for k in range(depth)]
         factor = cfg.mtp.mtp_loss_scaling_factor / depth
-        objective = ref.step_objective(weights, rcfg, batch, per_token)
+        rescaled = mcore_compat.per_token_mtp_loss_rescaled()
+        objective = ref.step_objective(weights, rcfg, batch, per_token, rescaled)
         ref_grads = ref.gradients(weights, objective)
-        other = ref.gradients(weights, ref.step_objective(weights, rcfg, batch, not per_token))
+        other = ref.gradients(weights, ref.step_objective(weights, rcfg, batch, not per_token,
+                                                          rescaled))
         unchained = ref.ReferenceConfig(**{**rcfg.__dict__, "chain_normed_hidden": False})
-        unchained = ref.gradients(weights, ref.step_objective(weights, unchained, batch, per_token))
+        unchained = ref.gradients(weights, ref.step_objective(weights, unchained, batch,
+                                                              per_token, rescaled))
+        unrescaled = ref.gradients(weights, ref.step_objective(weights, rcfg, batch, per_token,
+                                                               not rescaled))
         results.append(dict(
             case=(depth, tied, gbs, per_token),
             lm=(step.lm_loss, lm),
@@ -96,6 +106,7 @@ def _run_cases(rank, world_size, cases, output_dir):
             grad=_grad_error(grads, ref_grads),
             grad_other_definition=_grad_error(grads, other),
             grad_unchained=_grad_error(grads, unchained),
+            grad_other_rescale=_grad_error(grads, unrescaled),
             max_grad=max(g.abs().max().item() for g in grads.values()),
         ))
         torch.distributed.barrier()
@@ -135,6 +146,8 @@ def test_gradient_scaling_over_microbatches(results, case):
     worst, where = r["grad"]
     assert worst <= 1.0, f"{where}: gradient differs from d(objective) by {worst:.2f} x tolerance"
     assert r["grad_other_definition"][0] > 10.0
+    if case[3]:  # per token: the installed release's rolled-token rule, not the other one
+        assert r["grad_other_rescale"][0] > 10.0
 
 
 @pytest.mark.parametrize("case", [c for c in ONE_MICROBATCH if c[0] > 1],

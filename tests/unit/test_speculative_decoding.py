@@ -9,15 +9,13 @@ import random
 
 import pytest
 import torch
-from megatron.core.transformer.multi_token_prediction import (
-    MTPLossAutoScaler,
-    MTPLossLoggingHelper,
-)
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from mtp_megatron.config import build_config
 from mtp_megatron.inference import DecodeStats, KVCachedRunner, decoding, generate
 from mtp_megatron.inference.loading import build_for_generation, single_rank
 from mtp_megatron.inference.report import decode_prompts
+from mtp_megatron.runtime import mcore_compat
 
 VOCAB = 256  # padded vocabulary of the tiny models
 TEXT_VOCAB = 250  # ids the runner may emit
@@ -52,8 +50,8 @@ def train_count_up(model, steps=90):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    mtp_losses = (MTPLossLoggingHelper.tracker["values"] / steps).tolist()
-    MTPLossLoggingHelper.tracker.clear()
+    mtp_losses = (mcore_compat.take_mtp_sums().loss / steps).tolist()
+    mcore_compat.reset_mtp_tracker()
     return loss.item(), mtp_losses
 
 
