@@ -80,7 +80,10 @@ def environment() -> Dict:
 
     import torch
 
+    from mtp_megatron.runtime import mcore_compat
+
     env = {"python": platform.python_version(), "torch": torch.__version__,
+           "megatron_core": mcore_compat.installed_version(),
            "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if torch.cuda.is_available():

@@ -182,3 +182,22 @@ def test_cli_without_the_hf_extra(argv, monkeypatch, capsys):
 def test_cli_import_errors_name_the_directory(tmp_path, capsys):
     assert cli.main(["import", "--hf", str(tmp_path), "--save", str(tmp_path / "ck")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_repeated_mtp_layer_is_exported_as_one_module_per_depth(tmp_path):
+    """--mtp-use-repeated-layer keeps one MTP layer; the HF layout has one per depth."""
+    from mtp_megatron.config import build_config
+    from mtp_megatron.hf.export import _one_layer_per_depth
+
+    cfg = build_config(None, {"mtp_num_layers": 3, "mtp_use_repeated_layer": True,
+                              "output_dir": str(tmp_path)}, 1)
+    state = {"mtp.layers.0.eh_proj.weight": torch.ones(2),
+             "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight": torch.zeros(3),
+             "decoder.final_layernorm.weight": torch.ones(1)}
+    out = _one_layer_per_depth(dict(state), cfg)
+    for k in (1, 2):
+        assert out[f"mtp.layers.{k}.eh_proj.weight"] is state["mtp.layers.0.eh_proj.weight"]
+        assert f"mtp.layers.{k}.transformer_layer.mlp.linear_fc1.weight" in out
+    assert len(out) == 3 * 2 + 1
+    plain = build_config(None, {"mtp_num_layers": 3, "output_dir": str(tmp_path)}, 1)
+    assert _one_layer_per_depth(dict(state), plain) == state
