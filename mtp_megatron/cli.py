@@ -32,6 +32,9 @@ def _setup_logging() -> None:
     )
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mtp_megatron.runtime.mcore_compat import quiet_import_notices
+
+    quiet_import_notices()
 
 
 def _launcher_rank(name: str, slurm_name: str) -> str:

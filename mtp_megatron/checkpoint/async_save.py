@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing
 from mtp_megatron.checkpoint import dist_ckpt
 from mtp_megatron.checkpoint.commit import SaveGuard
 from mtp_megatron.config import to_dict
+from mtp_megatron.runtime import mcore_compat
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -64,7 +65,8 @@ class AsyncSaver:
         with guard.writing():  # staging errors: one CheckpointError on every rank
             request = dist_checkpointing.save(dist_ckpt.sharded_state(state), guard.work,
                                               async_sharded_save=True,
-                                              **dist_ckpt.save_kwargs(state.cfg))
+                                              **dist_ckpt.save_kwargs(state.cfg),
+                                              **mcore_compat.async_save_kwargs())
         request.add_finalize_fn(partial(_commit, guard, state.cfg, started))
         self.queue.schedule_async_request(request)
         return guard.final

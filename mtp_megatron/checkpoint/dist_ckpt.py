@@ -344,7 +344,7 @@ def _write(guard: SaveGuard, sharded: Dict[str, Any], cfg: RunConfig,
            kwargs: Dict[str, Any]) -> str:
     """Write ``sharded`` into the guard's partial directory and commit it."""
     start = time.perf_counter()
-    with guard.writing():
+    with guard.writing(), mcore_compat.checkpoint_notices_silenced():
         dist_checkpointing.save(sharded, guard.work, async_sharded_save=False, **kwargs)
     final = guard.commit({CONFIG_NAME: yaml.safe_dump(to_dict(cfg), sort_keys=False)})
     if dist.get_rank() == dist.get_world_size() - 1:

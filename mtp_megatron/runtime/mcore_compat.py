@@ -393,3 +393,34 @@ def per_token_mtp_loss_rescaled() -> bool:
     tokens it rolls off (lm tokens / depth-k tokens, per microbatch): 0.19 yes
     (NVIDIA/Megatron-LM#3159, since 0.17), 0.16 no. docs/mtp-objective.md has both."""
     return _is_main()
+
+
+def checkpoint_notices_silenced():
+    """While saving: drop megatron-core 0.19's "MCore's async save is deprecated" warning,
+    which its torch_dist strategy logs on the synchronous path too (it runs the save
+    through its own async machinery); misleading when nothing is saved asynchronously."""
+    return _dropping("megatron.core.dist_checkpointing.strategies.torch",
+                     "async save is deprecated")
+
+
+def quiet_import_notices() -> None:
+    """Process-start notices of megatron-core 0.19 on a CUDA build of torch without a GPU,
+    none of which is actionable here: torch's "No CUDA runtime is found, using CUDA_HOME"
+    (cpp_extension, imported by megatron-core's RNG module), "absl.logging is not
+    installed" and "MimoModelConfig is experimental" (megatron-core modules imported by
+    parallel_state). Called by the entry points before megatron-core is imported; only
+    these messages are filtered."""
+    import warnings
+
+    for text in ("absl.logging is not installed", "MimoModelConfig is experimental"):
+        warnings.filterwarnings("ignore", message=text, category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_Drop("No CUDA runtime is found"))
+
+
+def async_save_kwargs() -> Dict[str, str]:
+    """``dist_checkpointing.save(..., async_sharded_save=True)`` arguments for the writer
+    this package schedules with megatron-core's own ``AsyncCallsQueue``: 0.19 defaults to
+    NVIDIA Resiliency Extension's writer (``async_strategy="nvrx"``, a package NGC images
+    may lack; without it the save raises), so ask for megatron-core's ("mcore"); 0.16 has
+    only that one and no such argument."""
+    return {"async_strategy": "mcore"} if _is_main() else {}

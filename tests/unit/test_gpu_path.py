@@ -294,3 +294,40 @@ def test_bf16_load_without_optimizer_refreshes_the_main_params(tmp_path):
     loaded weights, or its first step writes the initial weights back (the old code)."""
     gaps = spawn(1, _load_without_optimizer, str(tmp_path))[0]
     assert gaps and max(gaps) == 0.0, max(gaps)
+
+
+# --- --async-save's request on the installed megatron-core (its writer is GPU-only) -----
+
+def _stage_async_save(rank, world_size, out):
+    """Stage (not run) an async save as checkpoint/async_save.py does, with and without
+    the release's arguments: 0.19 defaults to NVRx's writer, absent here."""
+    from megatron.core import dist_checkpointing
+
+    from mtp_megatron.checkpoint import dist_ckpt
+    from mtp_megatron.runtime import mcore_compat
+    from tests.reference.harness import finish, make_trainer, tiny_config
+
+    trainer = make_trainer(tiny_config(1, out, num_layers=2, mtp_num_layers=1))
+    seen = {}
+    for name, extra in (("ours", mcore_compat.async_save_kwargs()), ("default", {})):
+        directory = os.path.join(out, name)
+        os.makedirs(directory)
+        try:
+            request = dist_checkpointing.save(
+                dist_ckpt.sharded_state(trainer.state), directory, async_sharded_save=True,
+                **dist_ckpt.save_kwargs(trainer.cfg), **extra)
+            seen[name] = type(request).__name__
+        except ModuleNotFoundError as exc:
+            seen[name] = f"ModuleNotFoundError: {exc}"
+    finish(trainer)
+    return seen
+
+
+@pytest.mark.multirank
+def test_async_save_asks_for_megatron_cores_own_writer(tmp_path):
+    from mtp_megatron.runtime import mcore_compat
+
+    seen = spawn(1, _stage_async_save, str(tmp_path))[0]
+    assert seen["ours"] == "AsyncRequest", seen  # megatron-core's, the queue we schedule on
+    if mcore_compat.line() == "0.19":  # without the argument: NVRx's writer, not installed
+        assert "nvidia-resiliency-ext" in seen["default"], seen
