@@ -8,15 +8,16 @@
 #   scripts/ngc_tests.sh docker gpu-check [--only tests,fp8]        # make gpu-check inside
 #
 # Environment: MTP_IMAGE (default below; docker spells it nvcr.io/..., pyxis
-# nvcr.io#...), MEGATRON_CORE_PIN (default megatron-core==0.16.1), SRUN_ARGS (extra srun
-# flags: --partition, --account, --time).
+# nvcr.io#...), MEGATRON_CORE_PIN (default megatron-core==0.19.2, the main stack),
+# SRUN_ARGS (extra srun flags: --partition, --account, --time). The image is the one
+# megatron-core 0.19's own CI builds on (Python 3.12; see docs/gpu.md "Versions").
 set -euo pipefail
 
 MODE=${1:-}
 shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:25.11-py3}
-PIN=${MEGATRON_CORE_PIN:-megatron-core==0.16.1}
+IMAGE=${MTP_IMAGE:-nvcr.io/nvidia/pytorch:26.06-py3}
+PIN=${MEGATRON_CORE_PIN:-megatron-core==0.19.2}
 # megatron-core without deps keeps the image's torch; our package in place, with pytest.
 # `gpu-check` as the first argument runs scripts/gpu_check.sh (make gpu-check) instead.
 if [[ "${1:-}" == gpu-check ]]; then
