@@ -15,7 +15,7 @@ import pytest
 from mtp_megatron.runtime.strict_device import STRICT_ENV
 from tests.functional.launcher import ROOT
 
-pytestmark = pytest.mark.functional
+pytestmark = [pytest.mark.functional, pytest.mark.compat]  # also on the 0.16.1 floor
 
 
 def test_torchrun_pretrain_gpt_mtp_with_one_mtp_layer(tmp_path):
@@ -39,5 +39,17 @@ def test_torchrun_pretrain_gpt_mtp_with_one_mtp_layer(tmp_path):
     assert train[-1]["iteration"] == 200 and train[-1]["tokens"] == 200 * 16 * 128
     assert train[-1]["lm loss"] < train[0]["lm loss"] - 1.0
     assert "mtp_1 loss" in train[-1] and "mtp_2 loss" not in train[-1]
+    # training acceptance on the log line where megatron-core's tracker counts hits (0.19)
+    from mtp_megatron.runtime import mcore_compat
+
+    if mcore_compat.line() == "0.19":
+        assert 0.0 < train[-1]["mtp_1 acceptance"] < 1.0
+        assert "| mtp_1 acceptance 0." in proc.stdout
+    else:
+        assert "mtp_1 acceptance" not in train[-1]
+    # megatron-core's start-up notices that say nothing actionable here are not printed
+    for notice in ("GPTModel IS DEPRECATED", "No CUDA runtime is found", "absl.logging",
+                   "MimoModelConfig", "async save is deprecated"):
+        assert notice not in proc.stdout + proc.stderr, notice
     assert valid and valid[-1]["iteration"] == 200
     assert os.path.isfile(os.path.join(out, "config.yaml"))

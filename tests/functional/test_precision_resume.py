@@ -16,7 +16,7 @@ import pytest
 from tests.dist_utils import spawn
 from tests.functional import resume_matrix as rm
 
-pytestmark = pytest.mark.functional
+pytestmark = [pytest.mark.functional, pytest.mark.compat]  # also on the 0.16.1 floor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")

@@ -21,7 +21,7 @@ import pytest
 
 from tests.dist_utils import spawn
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.compat]  # also on the 0.16.1 floor
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-6
