@@ -34,7 +34,7 @@ TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squ
          "scancel", "nsenter", "unshare", "ip")
 SESSIONS = "/tmp/mtp-slurm-sessions"
 NODES = {"node1": "10.222.0.1", "node2": "10.222.0.2"}
-CPUS_PER_NODE = 4  # 2x the machine's cores per node: jobs that mostly sleep run side by side
+CPUS_PER_NODE = 8  # 4x the machine's cores per node: jobs that mostly sleep run side by side
 
 SLURM_CONF = """\
 ClusterName=mtptest
