@@ -1,4 +1,5 @@
-"""A real two-node Slurm (Debian's slurm-wlm, 22.05) on this one machine, for the tests.
+"""The Slurm the tests submit to: a real two-node cluster started on this one machine
+(:class:`Cluster`, Debian's slurm-wlm 22.05), or a site's own (:class:`SiteCluster`).
 
 Each node is a holder process in its own network + UTS + mount namespaces (``unshare``),
 with its hostname, a private ``/etc/hosts`` (node1/node2 must resolve inside jobs: the
@@ -72,6 +73,13 @@ PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 """
 
 
+SITE_ENV = "MTP_SLURM_TEST_SITE"  # 1: use the Slurm on PATH instead of starting one
+SITE_DIR_ENV = "MTP_SLURM_TEST_DIR"  # site mode: a directory every node sees
+SITE_ARGS_ENV = "MTP_SLURM_TEST_SBATCH_ARGS"  # site mode: e.g. "--partition=debug --account=p"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
 class ClusterUnavailable(RuntimeError):
     """Slurm cannot run here (not root, packages missing): the tests skip with this."""
 
@@ -87,8 +95,38 @@ def missing_requirements() -> Optional[str]:
     return None
 
 
+class _Jobs:
+    """Job queries shared by both kinds of cluster (they only need :meth:`run`)."""
+
+    def job(self, job_id: str) -> Dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        fields: Dict[str, str] = {}
+        for token in out.split():
+            if "=" in token:
+                key, value = token.split("=", 1)
+                fields[key] = value
+        return fields
+
+    def wait_job(self, job_id: str, timeout: float) -> Dict[str, str]:
+        """Wait until the job is in a final state (a requeued job is not), then until
+        nothing of it is left on any node."""
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(job_id)
+            if info.get("JobState") in FINAL_STATES:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} still {info.get('JobState')} after "
+                                   f"{timeout:.0f} s\n{self.logs()}")
+            time.sleep(0.5)
+        _wait_for(lambda: not self.leftovers(job_id), 60, f"job {job_id}'s processes to end",
+                  lambda: "\n".join(self.leftovers(job_id)))
+        return info
+
+
 @dataclass
-class Cluster:
+class Cluster(_Jobs):
     root: str  # session directory: config, state, logs, munge socket
     pids: Dict[str, int] = field(default_factory=dict)  # role -> PID
     procs: List[subprocess.Popen] = field(default_factory=list)
@@ -233,38 +271,17 @@ class Cluster:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def job(self, job_id: str) -> Dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        fields: Dict[str, str] = {}
-        for token in out.split():
-            if "=" in token:
-                key, value = token.split("=", 1)
-                fields[key] = value
-        return fields
+    sbatch_args = ("--oversubscribe",)  # test jobs share the nodes (CPUS_PER_NODE)
 
-    def wait_job(self, job_id: str, timeout: float, done=("COMPLETED", "FAILED", "CANCELLED",
-                                                          "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                                                          "PREEMPTED", "BOOT_FAIL", "DEADLINE"),
-                 ) -> Dict[str, str]:
-        """Wait until the job is in a final state (not requeued meanwhile), then until none
-        of its processes is left on either node."""
-        deadline = time.time() + timeout
-        while True:
-            info = self.job(job_id)
-            if info.get("JobState") in done:
-                break
-            if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} still {info.get('JobState')} after "
-                                   f"{timeout:.0f} s\n{self.logs()}")
-            time.sleep(0.5)
-        _wait_for(lambda: not self.job_pids(job_id), 60, f"job {job_id}'s processes to end")
-        return info
+    def reference_prefix(self, nproc: int) -> List[str]:
+        """How a one-machine reference run is started: here, on this machine."""
+        return []
 
-    def job_pids(self, job_id: str) -> List[int]:
-        """PIDs of the job's processes on either node: batch shell, srun, tasks, workers
-        (their environment has SLURM_JOB_ID) and its slurmstepd daemons."""
-        return self.processes(job_id)
+    def leftovers(self, job_id: str) -> List[str]:
+        """What is left of a job on either node: its processes (batch shell, srun, tasks,
+        workers, slurmstepd), by PID."""
+        return [f"pid {pid}: {_read(f'/proc/{pid}/cmdline')[:200]}"
+                for pid in self.processes(job_id)]
 
     def processes(self, job_id: Optional[str] = None) -> List[int]:
         """Live processes of this cluster (their environment names its SLURM_CONF), or of
@@ -306,6 +323,52 @@ class Cluster:
                   "cmdlines": cmdlines}
         with open(self._record_path(), "w") as fh:
             json.dump(record, fh)
+
+
+class SiteCluster(_Jobs):
+    """A site's own Slurm (``MTP_SLURM_TEST_SITE=1``): the tests submit with the sbatch on
+    PATH and its configuration, from a directory every node sees (``MTP_SLURM_TEST_DIR``),
+    adding ``MTP_SLURM_TEST_SBATCH_ARGS``; nothing is started or stopped. References run
+    on a compute node (srun), so that they and the jobs use the same kind of CPU."""
+
+    def __init__(self):
+        self.root = os.environ.get(SITE_DIR_ENV, "")
+        if not self.root:
+            raise ClusterUnavailable(f"{SITE_ENV}=1 needs {SITE_DIR_ENV}=<a directory every "
+                                     "node sees> (runs, checkpoints and sbatch output go there)")
+        missing = [t for t in ("sbatch", "srun", "scontrol", "squeue", "scancel")
+                   if shutil.which(t) is None]
+        if missing:
+            raise ClusterUnavailable(f"{SITE_ENV}=1 but {', '.join(missing)} not on PATH")
+        self.sbatch_args = tuple(os.environ.get(SITE_ARGS_ENV, "").split())
+
+    def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        return dict(os.environ, **(extra or {}))
+
+    def run(self, cmd: Sequence[str], *, cwd: Optional[str] = None, check: bool = True,
+            env: Optional[Dict[str, str]] = None, timeout: float = 60,
+            ) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env(env),
+                              timeout=timeout, cwd=cwd)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                               f"{done.stdout}{done.stderr}")
+        return done
+
+    def reference_prefix(self, nproc: int) -> List[str]:
+        return ["srun", "--nodes=1", "--ntasks=1", f"--cpus-per-task={nproc}",
+                *self.sbatch_args]
+
+    def leftovers(self, job_id: str) -> List[str]:
+        """Job steps Slurm still lists (the nodes' processes are out of sight here)."""
+        out = self.run(["squeue", "-h", "-s", "-j", job_id], check=False).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def logs(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        pass
 
 
 def clean_stale_sessions() -> None:

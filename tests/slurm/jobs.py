@@ -51,10 +51,12 @@ class Slurm:
 
     def submit(self, *flags: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
                ) -> List[str]:
-        """``submit.sh --nodes 2 FLAGS -- ARGS`` on node1 (CPU nodes, jobs may share them);
-        the job ids."""
-        cmd = ["bash", SUBMIT, "--nodes", "2", "--gpus-per-node", "0",
-               "--sbatch-arg", "--oversubscribe", *flags, "--", *args]
+        """``submit.sh --nodes 2 --gpus-per-node 0 FLAGS -- ARGS`` (CPU nodes, one rank per
+        node unless FLAGS say otherwise) with the cluster's own sbatch options; job ids."""
+        cmd = ["bash", SUBMIT, "--nodes", "2", "--gpus-per-node", "0"]
+        for arg in self.cluster.sbatch_args:
+            cmd += ["--sbatch-arg", arg]
+        cmd += [*flags, "--", *args]
         done = self.cluster.run(cmd, cwd=self.workdir, env=self.env(env))
         jobs = re.findall(r"^submitted job (\d+) ", done.stdout, flags=re.M)
         assert jobs, done.stdout + done.stderr
@@ -70,6 +72,17 @@ class Slurm:
     def output(self, name: str, job: str) -> str:
         """The batch script's output (all restarts: --open-mode=append)."""
         return _read(os.path.join(self.workdir, f"slurm-{name}-{job}.out"))
+
+    def kill_training_on(self, job: str, node: str) -> str:
+        """SIGKILL every process of the job's training step on ``node`` (what a node that
+        dies leaves behind), from a step of the same job there (``scontrol listpids``)."""
+        script = (f"scontrol listpids {job} | awk -v me=$SLURM_STEP_ID "
+                  "'NR > 1 && $3 ~ /^[0-9]+$/ && $3 != me {print $1}' | "
+                  "tee /dev/stderr | xargs -r kill -9")
+        done = self.cluster.run(["srun", f"--jobid={job}", "--overlap", "--nodes=1",
+                                 "--ntasks=1", f"--nodelist={node}", "bash", "-c", script],
+                                cwd=self.workdir)
+        return done.stderr
 
     def describe(self, name: str, job: str) -> str:
         """For failure messages: the batch output, each train.log's tail, the daemons' logs."""
@@ -137,10 +150,13 @@ def latest_checkpoint(ckpt_root: str) -> str:
     return os.path.join(ckpt_root, f"iter_{iteration:07d}")
 
 
-def train_locally(args: Sequence[str], nproc: int, output_dir: str, timeout: float = 300) -> Run:
-    """The same flags under ``torchrun --nproc-per-node N`` on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), LAUNCHER, *args, "--output-dir", output_dir]
+def train_locally(cluster, args: Sequence[str], nproc: int, output_dir: str,
+                  timeout: float = 300) -> Run:
+    """The same flags under ``torchrun --nproc-per-node N`` on one machine (this one, or
+    one node of a site's cluster)."""
+    cmd = [*cluster.reference_prefix(nproc), sys.executable, "-m", "torch.distributed.run",
+           "--standalone", "--nproc-per-node", str(nproc), LAUNCHER, *args,
+           "--output-dir", output_dir]
     env = child_env()
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop(STEP_DELAY, None)

@@ -15,8 +15,8 @@ on one machine.
 from __future__ import annotations
 
 import os
+import pathlib
 import re
-import signal
 import time
 
 import pytest
@@ -40,21 +40,19 @@ from tests.slurm.jobs import (
 
 pytestmark = [pytest.mark.slurm, pytest.mark.functional]
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-
-
 # -- runs on one machine, the references --------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(slurm):
     """``reference(args, nproc)``: the run of these flags under local torchrun, trained
     once per module."""
     runs = {}
 
     def get(name, args, nproc):
         if (name, nproc) not in runs:
-            out = tmp_path_factory.mktemp(f"local-{name}-{nproc}")
-            train_locally(list(args) + ["--save", str(out / "ck")], nproc, str(out / "run"))
+            out = pathlib.Path(slurm.runs) / f"local-{name}-{nproc}"
+            train_locally(slurm.cluster, list(args) + ["--save", str(out / "ck")], nproc,
+                          str(out / "run"))
             runs[name, nproc] = str(out)
         return runs[name, nproc]
 
@@ -95,20 +93,9 @@ def _submit_time_limited(slurm):
 
 
 def _time_limit(slurm, job):
-    """Once the job has requeued itself after a saved stop, raise its limit so that the
-    next start finishes the run (otherwise each start is signalled again)."""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        info = slurm.cluster.job(job)
-        if info["JobState"] in FINAL:
-            break
-        restarts = int(info.get("Restarts", "0"))
-        last = stop_record(slurm.run_dirs(TIME_LIMIT)[restarts - 1]) if restarts else None
-        if last and last["saved"]:
-            slurm.cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
-            break
-        time.sleep(0.5)
-    return job, slurm.wait(TIME_LIMIT, job, timeout=300)
+    """Each start is signalled before its limit, saves and requeues itself, until a start
+    finishes the run (one or two requeues)."""
+    return job, slurm.wait(TIME_LIMIT, job, timeout=600)
 
 
 def _preempt(slurm, mode):
@@ -154,14 +141,20 @@ def background(slurm, request):
         "chain": Background("chain", lambda: _chain(slurm)),
     }
     yield scenarios
-    report = request.config.pluginmanager.get_plugin("terminalreporter")
+    lines = []
     for name, scenario in scenarios.items():  # a failed test must not leave a thread behind
         try:
             scenario.result(timeout=600)
         except BaseException:  # reported by its own test
             pass
-        if report and scenario.seconds is not None:
-            report.write_line(f"slurm scenario {name}: {scenario.seconds:.0f} s (background)")
+        if scenario.seconds is not None:
+            lines.append(f"slurm scenario {name}: {scenario.seconds:.0f} s (in the background)")
+    plugins = request.config.pluginmanager
+    report, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if report and capture:
+        with capture.global_and_fixture_disabled():
+            for line in lines:
+                report.write_line(line)
 
 
 # -- (f) the plan --------------------------------------------------------------------------
@@ -212,32 +205,16 @@ def test_scancel_ends_the_job_and_leaves_no_process(slurm, mode):
     name = f"scancel-{mode}"
     (job,) = slurm.submit("--mode", mode, "--name", name, args=LONG, env={STEP_DELAY: "0.5"})
     slurm.wait_for_log(name, job, r"iteration 3/60")
-    assert slurm.cluster.job_pids(job)
     cancelled = time.time()
     slurm.cluster.run(["scancel", job])
     info = slurm.wait(name, job, timeout=60)  # also waits for every process to end
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", slurm.describe(name, job)
     assert time.time() - cancelled < 35  # within KillWait (30 s)
-    assert slurm.cluster.job_pids(job) == []
+    assert slurm.cluster.leftovers(job) == []
     assert "requeueing" not in slurm.output(name, job)
 
 
 # -- (d) a node lost mid-run ----------------------------------------------------------------
-
-def _kill_node2_ranks(slurm, job):
-    """SIGKILL the job's training processes on node2 (what a crashed node leaves)."""
-    killed = []
-    for pid in slurm.cluster.job_pids(job):
-        try:
-            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"SLURMD_NODENAME=node2" in environ and b"pretrain_gpt_mtp.py" in cmdline:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
-
 
 def test_node_lost_mid_run_fails_fast_and_a_resubmission_resumes(slurm, reference):
     name = "node-lost"
@@ -245,8 +222,10 @@ def test_node_lost_mid_run_fails_fast_and_a_resubmission_resumes(slurm, referenc
     ckpt = os.path.join(slurm.runs, name, "checkpoints")
     _wait_for(lambda: os.path.exists(os.path.join(ckpt, "iter_0000020")), 180,
               "the checkpoint of iteration 20", lambda: slurm.describe(name, job))
+    second_node = slurm.cluster.run(["scontrol", "show", "hostnames",
+                                     slurm.cluster.job(job)["NodeList"]]).stdout.split()[1]
     killed_at = time.time()
-    assert _kill_node2_ranks(slurm, job)
+    assert slurm.kill_training_on(job, second_node).split(), "no process to kill"
     info = slurm.wait(name, job, timeout=120)
     ended = time.time() - killed_at
     committed = int(open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read())
