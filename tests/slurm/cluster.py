@@ -272,6 +272,7 @@ class Cluster(_Jobs):
     # -- jobs -----------------------------------------------------------------------------
 
     sbatch_args = ("--oversubscribe",)  # test jobs share the nodes (CPUS_PER_NODE)
+    queue_wait = 0.0  # seconds a job may wait in the queue: none here
 
     def reference_prefix(self, nproc: int) -> List[str]:
         """How a one-machine reference run is started: here, on this machine."""
@@ -341,6 +342,7 @@ class SiteCluster(_Jobs):
         if missing:
             raise ClusterUnavailable(f"{SITE_ENV}=1 but {', '.join(missing)} not on PATH")
         self.sbatch_args = tuple(os.environ.get(SITE_ARGS_ENV, "").split())
+        self.queue_wait = 1800.0  # other users' jobs, and ours one at a time (--exclusive)
 
     def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         return dict(os.environ, **(extra or {}))

@@ -94,16 +94,19 @@ class Slurm:
         return "\n".join(parts + [self.cluster.logs()])
 
     def wait(self, name: str, job: str, timeout: float = 240) -> Dict[str, str]:
+        """Until the job ended (a requeued one has not); ``timeout`` plus the time a job may
+        wait in the cluster's queue."""
         try:
-            return self.cluster.wait_job(job, timeout)
+            return self.cluster.wait_job(job, timeout + self.cluster.queue_wait)
         except TimeoutError as err:
             raise TimeoutError(f"{err}\n{self.describe(name, job)}") from None
 
     def wait_for_log(self, name: str, job: str, pattern: str, restart: int = 0,
                      timeout: float = 120) -> None:
-        """Until the train.log of the job's start ``restart`` matches ``pattern``."""
+        """Until the train.log of the job's start ``restart`` matches ``pattern`` (within
+        ``timeout`` plus the time a job may wait in the queue)."""
         log = os.path.join(self.runs, name, f"{job}-r{restart}", "train.log")
-        deadline = time.time() + timeout
+        deadline = time.time() + timeout + self.cluster.queue_wait
         while time.time() < deadline:
             if re.search(pattern, _read(log)):
                 return
@@ -170,8 +173,8 @@ class Background:
     """A scenario that runs in a thread while other tests run (a job that waits on a
     time limit mostly sleeps); :meth:`result` joins it and re-raises its failure."""
 
-    def __init__(self, name: str, body: Callable[[], object]):
-        self.name, self._body = name, body
+    def __init__(self, name: str, body: Callable[[], object], timeout: float):
+        self.name, self._body, self.timeout = name, body, timeout
         self._result: object = None
         self._error: Optional[BaseException] = None
         self.started = time.time()
@@ -186,10 +189,10 @@ class Background:
             self._error = err
         self.seconds = time.time() - self.started
 
-    def result(self, timeout: float = 600):
-        self._thread.join(timeout)
+    def result(self):
+        self._thread.join(max(0.0, self.started + self.timeout - time.time()))
         if self._thread.is_alive():
-            raise TimeoutError(f"{self.name} still running after {timeout} s")
+            raise TimeoutError(f"{self.name} still running after {self.timeout:.0f} s")
         if self._error is not None:
             raise self._error
         return self._result

@@ -105,12 +105,14 @@ def _preempt(slurm, mode):
     (job,) = slurm.submit("--mode", mode, "--name", name, args=LONG, env={STEP_DELAY: "0.5"})
 
     def requeued(times):
-        _wait_for(lambda: int(slurm.cluster.job(job).get("Restarts", "0")) >= times, 120,
+        _wait_for(lambda: int(slurm.cluster.job(job).get("Restarts", "0")) >= times,
+                  120 + slurm.cluster.queue_wait,
                   f"job {job} to requeue", lambda: slurm.describe(name, job))
 
     # early: the batch script has printed its first line, so its trap is set
-    _wait_for(lambda: re.search(r"job \d+: 2 nodes", slurm.output(name, job)), 120,
-              f"job {job} to start", lambda: slurm.describe(name, job))
+    _wait_for(lambda: re.search(r"job \d+: 2 nodes", slurm.output(name, job)),
+              120 + slurm.cluster.queue_wait, f"job {job} to start",
+              lambda: slurm.describe(name, job))
     slurm.cluster.run(["scancel", "--batch", "--signal=USR1", job])
     requeued(1)
     slurm.wait_for_log(name, job, r"iteration 2[0-9]/60", restart=1, timeout=180)
@@ -134,17 +136,19 @@ def background(slurm, request):
     # cores can take longer than its first start's 85 s to reach the first iteration.
     job = _submit_time_limited(slurm)
     slurm.wait_for_log(TIME_LIMIT, job, r"iteration 1/60", timeout=180)
+    limit = 900 + 4 * slurm.cluster.queue_wait
     scenarios = {
-        "time_limit": Background("time limit", lambda: _time_limit(slurm, job)),
-        "preempt-srun": Background("preempt srun", lambda: _preempt(slurm, "srun")),
-        "preempt-torchrun": Background("preempt torchrun", lambda: _preempt(slurm, "torchrun")),
-        "chain": Background("chain", lambda: _chain(slurm)),
+        "time_limit": Background("time limit", lambda: _time_limit(slurm, job), limit),
+        "preempt-srun": Background("preempt srun", lambda: _preempt(slurm, "srun"), limit),
+        "preempt-torchrun": Background("preempt torchrun", lambda: _preempt(slurm, "torchrun"),
+                                       limit),
+        "chain": Background("chain", lambda: _chain(slurm), limit),
     }
     yield scenarios
     lines = []
     for name, scenario in scenarios.items():  # a failed test must not leave a thread behind
         try:
-            scenario.result(timeout=600)
+            scenario.result()
         except BaseException:  # reported by its own test
             pass
         if scenario.seconds is not None:
@@ -220,7 +224,8 @@ def test_node_lost_mid_run_fails_fast_and_a_resubmission_resumes(slurm, referenc
     name = "node-lost"
     (job,) = slurm.submit("--name", name, args=LONG, env={STEP_DELAY: "0.3"})
     ckpt = os.path.join(slurm.runs, name, "checkpoints")
-    _wait_for(lambda: os.path.exists(os.path.join(ckpt, "iter_0000020")), 180,
+    _wait_for(lambda: os.path.exists(os.path.join(ckpt, "iter_0000020")),
+              180 + slurm.cluster.queue_wait,
               "the checkpoint of iteration 20", lambda: slurm.describe(name, job))
     second_node = slurm.cluster.run(["scontrol", "show", "hostnames",
                                      slurm.cluster.job(job)["NodeList"]]).stdout.split()[1]
