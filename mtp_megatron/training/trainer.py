@@ -317,9 +317,10 @@ class Trainer:
         return history
 
     def _stopped_during_startup(self) -> bool:
-        """The exit signal came before the first step (the scheduler's time-limit signal
-        can come a minute early): stop now, saving nothing, since the checkpoint on disk
-        (if any) is this iteration's. Every rank agrees first (one all-reduce)."""
+        """The exit signal came before the first step (a scheduler's time-limit signal can
+        come during a slow start-up): stop now. Nothing was trained, so nothing is saved;
+        stopped.json says "saved" when --save already holds this iteration. Every rank
+        agrees first (one all-reduce)."""
         if self.iteration >= self.cfg.training.train_iters:
             return False
         reason = self.exit.signal_before_start(self.device)

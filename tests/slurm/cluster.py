@@ -191,6 +191,8 @@ class Cluster(_Jobs):
         shutil.rmtree(self.root, ignore_errors=True)
         with _suppress_oserror():
             os.remove(self._record_path())
+        with _suppress_oserror():
+            os.rmdir(SESSIONS)  # only when no other session has a record there
 
     # -- the pieces ---------------------------------------------------------------------
 
