@@ -144,7 +144,7 @@ all_tasks_started() {
 # exit signal: forward it to every process of the step (srun passes SIGUSR1 on; only the
 # launcher acts on it) and again every few seconds until the step ends, because a process
 # that has not installed its handler yet ignores it. Then requeue when the launcher stopped
-# cleanly: its $JOB_DIR/stopped.json exists and says "saved": true, or the step exited 0
+# cleanly: its $JOB_DIR/stopped.json exists, and it says "saved": true or the step exited 0
 # (a stop during start-up, before anything needed saving).
 run_training_step() {
     local ntasks=$1
@@ -167,9 +167,11 @@ run_training_step() {
     done
     local rc=0
     wait "$pid" || rc=$?
+    rm -rf "$TASKS_STARTED"
     echo "$(date +%T) training step exited with $rc"
     local record=$JOB_DIR/stopped.json
-    if (( PREEMPTED )) && [[ -f $record ]] && { (( rc == 0 )) || grep -qs '"saved": true' "$record"; }; then
+    if (( PREEMPTED )) && [[ -f $record ]] &&
+            { (( rc == 0 )) || grep -qs '"saved": true' "$record"; }; then
         echo "stopped cleanly: $(cat "$record")"
         requeue_job
         return 0
