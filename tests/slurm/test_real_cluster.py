@@ -86,9 +86,10 @@ TIME_LIMIT = "time-limit"
 def _submit_time_limited(slurm):
     """srun mode, ``--time 2 --signal-before 5``: Slurm's own time-limit signal, which
     comes 85 to 115 s after the start (Slurm checks limits every 30 s and signals when
-    the remaining time is within the offset plus that period)."""
+    the remaining time is within the offset plus that period). 60 steps of 2 s cannot
+    finish before it."""
     (job,) = slurm.submit("--name", TIME_LIMIT, "--time", "2", "--signal-before", "5",
-                          args=LONG, env={STEP_DELAY: "1.8"})
+                          args=LONG, env={STEP_DELAY: "2.0"})
     return job
 
 
@@ -123,9 +124,10 @@ def _preempt(slurm, mode):
 
 def _chain(slurm):
     """Three jobs of one name (``--chain 3``, --dependency=singleton) under a short
-    --time, each ending by itself after 20 iterations (--exit-interval)."""
+    --time, each ending by itself after 20 iterations (--exit-interval), well before its
+    time-limit signal (at least 200 s in, while a start can take 70 s here)."""
     name = "chain"
-    jobs = slurm.submit("--name", name, "--chain", "3", "--time", "2", "--signal-before",
+    jobs = slurm.submit("--name", name, "--chain", "3", "--time", "4", "--signal-before",
                         "10", args=LONG + ["--exit-interval", "20"])
     return jobs, [slurm.wait(name, job, timeout=400) for job in jobs]
 
@@ -213,7 +215,7 @@ def test_scancel_ends_the_job_and_leaves_no_process(slurm, mode):
     slurm.cluster.run(["scancel", job])
     info = slurm.wait(name, job, timeout=60)  # also waits for every process to end
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", slurm.describe(name, job)
-    assert time.time() - cancelled < 35  # within KillWait (30 s)
+    assert time.time() - cancelled < 45  # KillWait (30 s) and a loaded machine's slack
     assert slurm.cluster.leftovers(job) == []
     assert "requeueing" not in slurm.output(name, job)
 
@@ -264,11 +266,11 @@ def test_time_limit_saves_requeues_and_resumes_to_the_same_weights(slurm, backgr
     runs = slurm.run_dirs(name)
     out = slurm.output(name, job)
     assert "SIGUSR1: time limit or preemption ahead" in out, out
-    # the first start may have been signalled before training (then it stopped without
-    # saving); the driver waited for a saved stop before raising the limit
-    record = [r for r in map(stop_record, runs[:-1]) if r and r["saved"]][-1]
-    assert record["reason"] == "received SIGUSR1" and 0 < record["iteration"] < 60, record
-    assert os.path.isdir(record["checkpoint"])
+    # the first start was training when Slurm signalled it (the fixture waited for that,
+    # and the signal comes at least 85 s in); a later start may be signalled too
+    record = stop_record(runs[0])
+    assert record["saved"] and record["reason"] == "received SIGUSR1", record
+    assert 0 < record["iteration"] < 60 and os.path.isdir(record["checkpoint"]), record
     ckpt = os.path.join(slurm.runs, name, "checkpoints")
     assert f"resuming from {ckpt} (iteration {record['iteration']})" in out
     expected = reference("long", LONG, 2)
