@@ -76,6 +76,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.plan import dry_run
 
             return dry_run(cfg, gpu_memory_gb=options.gpu_memory_gb, mfu=options.mfu)
+        from mtp_megatron.training.faults import catch_exit_signal
+
+        # Before the slow part (checks, rendezvous, model, loading): a scheduler's exit
+        # signal during start-up then stops the run cleanly instead of killing it.
+        catch_exit_signal(cfg.checkpoint)
         from mtp_megatron.runtime.preflight import preflight
 
         launch, transformer_impl = preflight(cfg)
@@ -86,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _report(err, rank_var="LOCAL_RANK", slurm_var="SLURM_LOCALID")
         return ExitCode.CONFIG
     from mtp_megatron.checkpoint import CheckpointError
-    from mtp_megatron.training.faults import NonFiniteStepError
+    from mtp_megatron.training.faults import NonFiniteStepError, ignore_exit_signal
     from mtp_megatron.training.trainer import Trainer
 
     trainer = None
@@ -103,6 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.runtime.distributed import shutdown
 
             shutdown()
+        ignore_exit_signal()
     return ExitCode.OK
 
 

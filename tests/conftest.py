@@ -30,7 +30,7 @@ from mtp_megatron.runtime.strict_device import STRICT_ENV  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-SPAWNING_MARKERS = ("multirank", "functional")
+SPAWNING_MARKERS = ("multirank", "functional", "slurm")
 os.environ[STRICT_ENV] = "1"
 _VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the user started pytest
 

@@ -1,7 +1,12 @@
 """Leaving a run cleanly and refusing bad steps, with one small collective per step.
 
 * :class:`ExitConditions`: ``--exit-signal-handler`` (finish the iteration, save, exit
-  0), ``--exit-duration-in-mins``, ``--exit-interval``.
+  0), ``--exit-duration-in-mins``, ``--exit-interval``. The signal is caught from the
+  moment the launcher has parsed its flags (:func:`catch_exit_signal`, called by
+  ``cli.main``): one that arrives during start-up (imports, rendezvous, model build,
+  loading) stops the run before its first iteration instead of killing it, and after the
+  run it is ignored (:func:`ignore_exit_signal`), since a batch script may send it again
+  until the job step ends (launch/slurm/common.sh).
 * :func:`checked_optimizer_step`: megatron-core's ``optimizer.step()`` split at the one
   point where the step can still be refused: after the gradient norm is known (mcore
   computes it anyway, for clipping), before any weight changes. NaN/Inf is detected from
@@ -18,8 +23,10 @@ Host syncs per step (GPU): megatron-core's grad-norm ``.item()`` and the agreeme
 ``.tolist()`` (fp16 adds mcore's ``found_inf`` check). Losses stay on the device until
 ``--log-interval`` (``training/losses.py``).
 
-Test hook: ``MTP_MEGATRON_INJECT_NAN_AT=<iteration>`` poisons that iteration's gradients
-on rank 0, so the detection path runs end to end.
+Test hooks: ``MTP_MEGATRON_INJECT_NAN_AT=<iteration>`` poisons that iteration's gradients
+on rank 0, so the detection path runs end to end; ``MTP_MEGATRON_STEP_DELAY_S=<seconds>``
+makes every step that much longer (a sleep before the agreement), so that tests against a
+real scheduler's time limit span several jobs with a tiny model. Neither changes numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from mtp_megatron.runtime import comm
 from mtp_megatron.training.optim import sub_optimizers
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
+STEP_DELAY_ENV = "MTP_MEGATRON_STEP_DELAY_S"
 
 STOP_RECORD = "stopped.json"
 
@@ -72,18 +80,60 @@ def agree(local: torch.Tensor) -> List[float]:
     return local.tolist()
 
 
+class _ExitSignal:
+    """The one ``--exit-signal`` handler of this process and what it has seen."""
+
+    name: Optional[str] = None  # the signal caught now, None when not installed
+    received = False
+
+    @classmethod
+    def on_signal(cls, signum, frame) -> None:
+        cls.received = True  # idempotent: a signal sent again changes nothing
+
+
+def catch_exit_signal(checkpoint: CheckpointConfig) -> None:
+    """Catch ``--exit-signal`` from now on (with ``--exit-signal-handler``; idempotent).
+
+    Called as soon as the flags are parsed, so a signal during start-up is remembered
+    (the run stops before its first step) rather than killing the process."""
+    if not checkpoint.exit_signal_handler or _ExitSignal.name == checkpoint.exit_signal:
+        return
+    signal.signal(getattr(signal, checkpoint.exit_signal), _ExitSignal.on_signal)
+    _ExitSignal.name, _ExitSignal.received = checkpoint.exit_signal, False
+
+
+def ignore_exit_signal() -> None:
+    """Once the run is over: ignore the signal instead of restoring its default action.
+
+    Python resets a handled signal to the default (terminate) while it exits, and a batch
+    script sends the signal again until the step ends (a process may not have installed
+    its handler the first time): one arriving then would turn a clean exit 0 into a kill."""
+    if _ExitSignal.name is not None:
+        signal.signal(getattr(signal, _ExitSignal.name), signal.SIG_IGN)
+        _ExitSignal.name = None
+
+
 class ExitConditions:
     """Watches the exit signal, the wall-clock budget and the exit interval."""
 
     def __init__(self, checkpoint: CheckpointConfig):
         self.cfg = checkpoint
         self.start = time.time()
-        self.signal_received = False
-        if checkpoint.exit_signal_handler:
-            signal.signal(getattr(signal, checkpoint.exit_signal), self._on_signal)
+        catch_exit_signal(checkpoint)  # already caught since start-up under the launcher
 
-    def _on_signal(self, signum, frame) -> None:
-        self.signal_received = True
+    @property
+    def signal_received(self) -> bool:
+        return self.cfg.exit_signal_handler and _ExitSignal.received
+
+    def signal_before_start(self, device: torch.device) -> Optional[str]:
+        """Before the first step: did any rank get the signal during start-up? Agreed by
+        every rank (one all-reduce) when ``--exit-signal-handler`` is on, else None."""
+        if not self.cfg.exit_signal_handler:
+            return None
+        local = torch.tensor([float(self.signal_received)], dtype=torch.float64, device=device)
+        if not agree(local)[0]:
+            return None
+        return f"received {self.cfg.exit_signal} during start-up"
 
     def local(self, iteration: int) -> Tuple[List[float], List[str]]:
         """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop."""
@@ -141,6 +191,13 @@ def inject_nan_for_tests(model_chunks, iteration: int) -> None:
                 buffer.grad_data.fill_(float("nan"))
 
 
+def _delay_for_tests() -> None:
+    """``MTP_MEGATRON_STEP_DELAY_S=<seconds>``: a longer step, nothing else changes."""
+    delay = os.environ.get(STEP_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
 def _clip(optimizer, grad_norm: float) -> None:
     """megatron-core's clipping by a total norm already computed (as ChainedOptimizer does)."""
     from megatron.core.optimizer import clip_grads  # read at call time: the CPU bridge wraps it
@@ -164,6 +221,7 @@ def checked_optimizer_step(optimizer, *, iteration: int, loss_sums: Optional[tor
     ``loss_sums``: this rank's ``[loss sum, tokens]`` of the step (last stage) or None.
     Raises :class:`NonFiniteStepError` without ``skip_nan_steps``.
     """
+    _delay_for_tests()
     found_inf = optimizer.prepare_grads()  # fp16: the loss scaler's overflow check
     grad_norm = None if found_inf else optimizer.get_grad_norm()
     local = torch.zeros(4, dtype=torch.float64, device=device)

@@ -282,6 +282,8 @@ class Trainer:
         saved_at, evaluated_at = self.committed_at, None
         eval_interval = self.cfg.data.eval_interval
         first, stopped = True, None
+        if self._stopped_during_startup():
+            return history
         while self.iteration < self.cfg.training.train_iters:
             # the first step builds buffers and warms kernels up: show that it progresses
             with phase(f"first iteration ({self.iteration + 1})", log=log_last_rank) \
@@ -313,6 +315,25 @@ class Trainer:
                               reason=stopped, checkpoint=ckpt.save and iteration_dir(ckpt.save,
                                                                         self.iteration))
         return history
+
+    def _stopped_during_startup(self) -> bool:
+        """The exit signal came before the first step (a scheduler's time-limit signal can
+        come during a slow start-up): stop now. Nothing was trained, so nothing is saved;
+        stopped.json says "saved" when --save already holds this iteration. Every rank
+        agrees first (one all-reduce)."""
+        if self.iteration >= self.cfg.training.train_iters:
+            return False
+        reason = self.exit.signal_before_start(self.device)
+        if reason is None:
+            return False
+        log_last_rank(f"stopping before iteration {self.iteration + 1}: {reason}")
+        if torch.distributed.get_rank() == 0:
+            save = self.cfg.checkpoint.save
+            committed = save and self.committed_at == self.iteration
+            write_stop_record(self.cfg.logging.output_dir, iteration=self.iteration,
+                              reason=reason,
+                              checkpoint=iteration_dir(save, self.iteration) if committed else None)
+        return True
 
     def close(self) -> None:
         if self.async_saver is not None:

@@ -2,10 +2,14 @@
 
 Each rank is a plain ``python launch/pretrain_gpt_mtp.py`` with SLURM_PROCID,
 SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST and SLURM_JOB_ID set, as ``srun
---ntasks-per-node=2`` would; the rendezvous port comes from the job id.
+--ntasks-per-node=2`` would; the rendezvous port comes from the job id. The SLURM
+scripts' exit signal (SIGUSR1) arriving during start-up stops the run before its first
+step. tests/slurm runs the same launcher under a real Slurm.
 """
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,3 +95,50 @@ def test_bad_slurm_variables_fail_fast_and_name_the_variable(tmp_path, drop, bad
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _train_until_signalled(args, output_dir, *, on_line="preparing data ..."):
+    """Run the launcher as one srun task would; send SIGUSR1 (the SLURM scripts' exit
+    signal) as soon as it prints ``on_line``: during start-up, after its handler is set."""
+    env = _slurm_env(SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_NTASKS=1,
+                     SLURM_JOB_ID=_job_id_with_free_port(), SLURM_JOB_NODELIST="localhost")
+    proc = subprocess.Popen(
+        [sys.executable, LAUNCHER, *args, "--exit-signal-handler", "--exit-signal", "SIGUSR1",
+         "--output-dir", output_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line in line:
+                proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+def test_exit_signal_during_startup_stops_before_the_first_iteration(tmp_path, resumed):
+    """A time-limit signal can come before training starts (Slurm checks limits every
+    30 s, and sends it early): the run stops cleanly before its first step, saves nothing
+    new, and stopped.json says whether the checkpoint on disk is this iteration's."""
+    ck = str(tmp_path / "ck")
+    args = TINY + ["--mtp-num-layers", "1", "--mock-data", "--save", ck]
+    start = 0
+    if resumed:
+        first = _srun(args + ["--train-iters", "3"], 1, str(tmp_path / "first"),
+                      SLURM_JOB_ID=_job_id_with_free_port(), SLURM_JOB_NODELIST="localhost")
+        assert first[0].returncode == 0, first[0]
+        start = 3
+    rc, out = _train_until_signalled(args + ["--train-iters", "50"], str(tmp_path / "run"))
+    assert rc == 0, out
+    assert f"stopping before iteration {start + 1}: received SIGUSR1 during start-up" in out
+    assert "Traceback" not in out and "iteration 1/" not in out
+    with open(tmp_path / "run" / "stopped.json") as fh:
+        record = json.load(fh)
+    assert record == {
+        "iteration": start, "reason": "received SIGUSR1 during start-up", "saved": resumed,
+        "checkpoint": os.path.join(ck, "iter_0000003") if resumed else None}
+    assert sorted(os.listdir(ck)) == (["iter_0000003", "latest_checkpointed_iteration.txt"]
+                                      if resumed else [])
