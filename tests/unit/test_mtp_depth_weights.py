@@ -16,7 +16,7 @@ import pytest
 
 from tests.dist_utils import spawn
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.compat]  # the hook differs per release
 
 LOSS_TOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
