@@ -246,3 +246,23 @@ def test_the_stand_in_multiplies_each_depths_gradient():
         with depth_weights_applied((1.0, 2.0)):
             module.MTPLossAutoScaler.apply(hidden, terms[0])
     assert not hasattr(module.MTPLossAutoScaler, "multipliers")  # restored after errors
+
+
+def test_the_factor_is_on_the_log_line_and_in_metrics_jsonl(tmp_path):
+    import json
+
+    from mtp_megatron.training.losses import WindowLosses
+    from mtp_megatron.training.metrics import MetricsLogger, StepMetrics
+    from mtp_megatron.training.writers import JsonlSink, MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLogger(log_interval=2, train_iters=4, tokens_per_step=10, flops_per_token=1.0,
+                        is_logging_rank=True, writer=MetricsWriter([JsonlSink(str(path))]))
+    for it, factor in ((1, 0.0), (2, 0.075), (3, None), (4, None)):
+        log.record(StepMetrics(it, None, None, 1e-3, 1.0, 0.1, mtp_factor=factor))
+        if it % 2 == 0:
+            line = log.log(WindowLosses(2, [2.0, 2.0], [2.5] if factor else None))
+            assert ("mtp_factor 0.075 |" in line) == (factor is not None)
+    log.close()
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0]["mtp_factor"] == 0.075 and "mtp_factor" not in rows[1]  # the last step's
