@@ -8,21 +8,25 @@ the weights would not fit. Precision (--bf16/--fp16) and --use-distributed-optim
 decide the optimizer state's format: they may change only when the optimizer state is
 not loaded (--no-load-optim keeps the iteration, --finetune restarts at 0). Every error
 is a :class:`CheckpointError` naming the checkpoint, the field, both values and the way
-out. The checkpoint side is its run_config.yaml plus its common state (vocabulary
-sizes, layout), so this is pure Python.
+out. The MTP objective's weighting (factor, its schedule, the depth weights) may change:
+a warning names each changed flag with both values. The checkpoint side is its
+run_config.yaml plus its common state (vocabulary sizes, layout), so this is pure Python.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
 from mtp_megatron.checkpoint.layout import CONFIG_NAME, CheckpointError
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
+from mtp_megatron.config.fields import ConfigError
 from mtp_megatron.config.model import default_ffn_hidden_size
+from mtp_megatron.config.mtp import MTPConfig, normalised_depth_weights
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -37,6 +41,11 @@ SHAPE_KEYS = {
 # Settings that decide the optimizer's state format: they may change on resume only
 # when the optimizer state is not loaded (--no-load-optim or --finetune).
 FORMAT_KEYS = {"training": ("bf16", "fp16"), "parallel": ("use_distributed_optimizer",)}
+# The MTP objective's weighting: may change on resume (a deliberate change of the
+# objective from the next iteration on), announced with a warning naming both values.
+OBJECTIVE_KEYS = ("mtp_loss_scaling_factor", "mtp_depth_weights",
+                  "mtp_loss_scaling_factor_warmup_iters", "mtp_loss_scaling_factor_final",
+                  "mtp_loss_scaling_factor_decay_style", "mtp_loss_scaling_factor_decay_iters")
 
 
 def _effective(section: str, key: str, values: Dict[str, Any]) -> Any:
@@ -124,6 +133,39 @@ def _check_format(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
         )
 
 
+def _same_weights(theirs: Any, mine: Any, depth: Optional[int]) -> bool:
+    """Two --mtp-depth-weights spellings of the same normalised weights are the same."""
+    try:
+        return normalised_depth_weights(str(theirs), depth or 0) == \
+            normalised_depth_weights(str(mine), depth or 0)
+    except ConfigError:
+        return theirs == mine
+
+
+def changed_objective(saved: Dict[str, Any], ours: Dict[str, Any]) -> List[str]:
+    """The MTP weighting flags that differ from the checkpoint's, as ``--flag: old ->
+    new`` (a checkpoint saved before a flag existed had its default)."""
+    defaults = dataclasses.asdict(MTPConfig())
+    theirs_all, mine_all = saved.get("mtp", {}), ours["mtp"]
+    changes = []
+    for key in OBJECTIVE_KEYS:
+        theirs, mine = theirs_all.get(key, defaults[key]), mine_all[key]
+        same = (_same_weights(theirs, mine, mine_all["mtp_num_layers"])
+                if key == "mtp_depth_weights" else theirs == mine)
+        if not same:
+            changes.append(f"{_flag(key)}: {theirs!r} -> {mine!r}")
+    return changes
+
+
+def _announce_objective_changes(directory: str, saved: Dict[str, Any],
+                                ours: Dict[str, Any]) -> None:
+    if not ours["mtp"]["mtp_num_layers"]:
+        return
+    for change in changed_objective(saved, ours):
+        logger.warning("resuming %s with a changed MTP objective, %s (the checkpoint's value "
+                       "-> this run's; applies from the next iteration)", directory, change)
+
+
 def check_compatible(directory: str, cfg: RunConfig, *,
                      checkpoint: Optional[CheckpointConfig] = None,
                      vocab_size: Optional[int] = None, padded_vocab_size: Optional[int] = None,
@@ -146,4 +188,5 @@ def check_compatible(directory: str, cfg: RunConfig, *,
         _check_vocab(directory, common, vocab_size, padded_vocab_size,
                      cfg.parallel.tensor_model_parallel_size)
     _check_format(directory, saved, ours, checkpoint)
+    _announce_objective_changes(directory, saved, ours)
     return saved

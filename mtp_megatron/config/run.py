@@ -68,6 +68,38 @@ class RunConfig:
                 f"more than --mtp-num-layers={mtp.mtp_num_layers}",
                 "depth k predicts the token k+1 ahead",
             )
+        self._check_mtp_schedule()
+
+    def _check_mtp_schedule(self) -> None:
+        """The MTP factor schedule against --train-iters: the warmup ends within the run,
+        a decay ends after the warmup."""
+        mtp, train_iters = self.mtp, self.training.train_iters
+        warmup = mtp.mtp_loss_scaling_factor_warmup_iters
+        if warmup > train_iters:
+            raise ConfigError("--mtp-loss-scaling-factor-warmup-iters", warmup,
+                              f"at most --train-iters={train_iters}")
+        if not mtp.decays:
+            return
+        end = self.mtp_factor_decay_iters
+        if end <= warmup:
+            given = mtp.mtp_loss_scaling_factor_decay_iters
+            raise ConfigError(
+                "--mtp-loss-scaling-factor-decay-iters", given,
+                f"more than --mtp-loss-scaling-factor-warmup-iters={warmup} (the decay "
+                "starts when the warmup ends)",
+                "" if given is not None else f"its default is --train-iters={train_iters}",
+            )
+        if mtp.final_factor == mtp.mtp_loss_scaling_factor:
+            logger.warning(
+                "--mtp-loss-scaling-factor-decay-style %s with --mtp-loss-scaling-factor-final "
+                "equal to --mtp-loss-scaling-factor (%g): the factor does not change.",
+                mtp.mtp_loss_scaling_factor_decay_style, mtp.mtp_loss_scaling_factor)
+
+    @property
+    def mtp_factor_decay_iters(self) -> int:
+        """Where the MTP factor's decay ends (--mtp-loss-scaling-factor-decay-iters, by
+        default --train-iters, as --lr-decay-iters)."""
+        return self.mtp.mtp_loss_scaling_factor_decay_iters or self.training.train_iters
 
     def _check_parallel_split(self) -> None:
         model, par, train = self.model, self.parallel, self.training

@@ -2,7 +2,7 @@
 
 Like for like: the quality of a run is the **main head's next-token validation loss**
 (``"lm loss"`` of the ``"split": "valid"`` rows, which megatron-core computes for the main
-head only). The MTP training objective ``lm + factor / D * sum_k mtp_k`` is kept for
+head only). The MTP training objective ``lm + factor * sum_k w_k mtp_k`` is kept for
 information as ``train_objective`` and is never what a baseline is compared against:
 it is larger by construction and says nothing about next-token quality.
 
@@ -17,6 +17,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
+from mtp_megatron.config.mtp import normalised_depth_weights
 from mtp_megatron.experiments.spec import RunSpec
 
 
@@ -36,12 +37,16 @@ def main_head_loss(valid_row: Dict) -> float:
     return float(valid_row["lm loss"])
 
 
-def train_objective(train_row: Dict, factor: Optional[float]) -> float:
-    """What the MTP run minimised: ``lm + factor / D * sum_k mtp_k`` (lm for a baseline)."""
+def train_objective(train_row: Dict, factor: Optional[float],
+                    depth_weights: str = "uniform") -> float:
+    """What the MTP run minimised at that row: ``lm + factor * sum_k w_k mtp_k`` (lm for a
+    baseline), with the row's own ``mtp_factor`` when a schedule logged it."""
     mtp = [v for k, v in train_row.items() if k.startswith("mtp_") and k.endswith(" loss")]
+    factor = train_row.get("mtp_factor", factor)
     if not mtp or not factor:
         return float(train_row["lm loss"])
-    return float(train_row["lm loss"]) + factor / len(mtp) * sum(mtp)
+    weights = normalised_depth_weights(depth_weights, len(mtp))
+    return float(train_row["lm loss"]) + factor * sum(w * v for w, v in zip(weights, mtp))
 
 
 def _median(values: List[Optional[float]]) -> Optional[float]:
@@ -85,6 +90,8 @@ def collect_run(run: RunSpec, run_dir: str) -> Dict:
     return {
         "name": run.name, "variant": run.variant, "seed": run.seed, "depth": depth,
         "factor": run.factor, "flops_depth": run.flops_depth, "train_iters": run.train_iters,
+        "depth_weights": run.depth_weights, "schedule": run.schedule,
+        "final_mtp_factor": train[-1].get("mtp_factor"),
         "tokens": tokens_per_step * run.train_iters,
         "flops_per_token": flops_per_token,
         "train_flops": flops_per_token * tokens_per_step * run.train_iters,
@@ -95,7 +102,7 @@ def collect_run(run: RunSpec, run_dir: str) -> Dict:
         "acceptance": [final[f"mtp_{k} acceptance"] for k in range(1, depth + 1)],
         "chained_acceptance": chained,
         "train_lm_loss": train[-1]["lm loss"],
-        "train_objective": train_objective(train[-1], run.factor),
+        "train_objective": train_objective(train[-1], run.factor, run.depth_weights),
         "ms_per_iter": ms_per_iter,
         "tokens_per_s": tokens_per_s,
         "peak_rss_mib": max((r.get("max RSS MiB") or 0.0 for r in train), default=None) or None,

@@ -2,6 +2,11 @@
 
 Defaults (a small Llama-shaped model on the embedded corpus; ~20-30 min on 2 CPU cores):
     python -m mtp_megatron.experiments.compare            # or: make compare
+Depth weights and factor schedules (D=3: uniform vs exponential vs linear; constant 0.3 vs
+a step to 0.1 vs a warmup; see experiments/spec.py for the schedule syntax):
+    python -m mtp_megatron.experiments.compare --mtp-num-layers 3 --mtp-loss-scaling-factor 0.3 \
+        --mtp-depth-weights uniform exponential linear \
+        --mtp-factor-schedules constant step:0.1@100 warmup:100 --no-equal-flops
 Any depths, factors, seeds and launcher flags (after '--', e.g. a TP/PP layout):
     python -m mtp_megatron.experiments.compare --mtp-num-layers 1 2 3 \\
         --mtp-loss-scaling-factor 0.1 0.3 --seeds 3 --nproc-per-node 4 --out-dir runs/cmp \\
@@ -46,7 +51,20 @@ def plan(spec: ExperimentSpec):
                                       world_size=spec.nproc_per_node)
     ratios = {d: flops.flop_ratio(per_token, d) for d in spec.depths}
     iters = {d: flops.equal_flops_iters(spec.train_iters, r) for d, r in ratios.items()}
-    return plan_runs(spec, iters), ratios
+    runs = plan_runs(spec, iters)
+    check_runs(spec, runs)
+    return runs, ratios
+
+
+def check_runs(spec: ExperimentSpec, runs) -> None:
+    """Every run's launcher flags form a valid config (e.g. a factor schedule that does
+    not fit --train-iters): the ConfigError comes before anything trains."""
+    from mtp_megatron.config import load_config
+
+    env = {"WORLD_SIZE": str(spec.nproc_per_node)}
+    for run in runs:
+        if run.depth:
+            load_config(run.launcher_args(spec), env=env)
 
 
 def _prompts(spec: ExperimentSpec, prompt_file: Optional[str]) -> Optional[List[str]]:

@@ -69,6 +69,8 @@ def summarize(results: List[Dict], flop_ratios: Dict[int, float]) -> Dict:
     for name, runs in groups.items():
         depth, flops_depth = runs[0]["depth"], runs[0]["flops_depth"]
         entry = {"depth": depth, "factor": runs[0]["factor"], "flops_depth": flops_depth,
+                 "depth_weights": runs[0].get("depth_weights", "uniform"),
+                 "schedule": runs[0].get("schedule", "constant"),
                  "seeds": sorted(r["seed"] for r in runs)}
         for key in SCALARS:
             entry[key] = mean_std([r.get(key) for r in runs])
@@ -129,22 +131,33 @@ def _list(stats: List[Optional[Dict]], digits: int = 3) -> str:
 def _order(variants: Dict) -> List[str]:
     def key(name):
         v = variants[name]
-        return (v["flops_depth"] is not None, v["depth"], v["factor"] or 0.0, name)
+        return (v["flops_depth"] is not None, v["depth"], v["factor"] or 0.0,
+                v.get("depth_weights", "uniform") != "uniform",
+                v.get("schedule", "constant") != "constant", name)
     return sorted(variants, key=key)
 
 
+def _objective(variant: Dict) -> str:
+    """'depth weights | factor schedule' cells ('-' for a baseline)."""
+    if not variant["depth"]:
+        return "- | -"
+    return f"{variant.get('depth_weights', 'uniform')} | {variant.get('schedule', 'constant')}"
+
+
 def quality_table(results: Dict) -> List[str]:
-    lines = ["| run | D | factor | iters | tokens | valid lm loss (main head) | PPL | "
+    lines = ["| run | D | factor | depth weights | factor schedule | iters | tokens | "
+             "valid lm loss (main head) | PPL | "
              "Δ vs baseline, equal tokens | Δ vs baseline, equal FLOPs | "
              "valid MTP loss per depth | acceptance per depth | chained acceptance |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 14]
     variants = results["variants"]
     for name in _order(variants):
         v = variants[name]
         delta_t = v.get("delta_equal_tokens") or v.get("delta_vs_equal_tokens_baseline")
         lines.append(
             f"| {name} | {v['depth']} | {v['factor'] if v['factor'] is not None else '-'} | "
-            f"{fmt(v['train_iters'], 0)} | {fmt(v['tokens'], 0)} | {fmt(v['valid_lm_loss'])} | "
+            f"{_objective(v)} | {fmt(v['train_iters'], 0)} | {fmt(v['tokens'], 0)} | "
+            f"{fmt(v['valid_lm_loss'])} | "
             f"{fmt(v['valid_lm_ppl'], 3)} | {fmt(delta_t, 4, True)} | "
             f"{fmt(v.get('delta_equal_flops'), 4, True)} | {_list(v['valid_mtp_loss'])} | "
             f"{_list(v['acceptance'])} | {_list(v['chained_acceptance'])} |")

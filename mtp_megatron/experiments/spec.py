@@ -1,10 +1,16 @@
 """What a baseline-vs-MTP experiment trains: the spec (flags or YAML) and its runs.
 
 Every run of one seed shares the model, data, schedule shape and ``--seed``; they
-differ only in ``--mtp-num-layers`` / ``--mtp-loss-scaling-factor`` and, for the
-equal-FLOPs baselines, ``--train-iters``. The MTP variants are every depth with the
-first factor, plus the remaining factors at the first depth (a factor sweep at D=1 by
-default); ``full_grid`` trains every (depth, factor) pair instead.
+differ only in the MTP objective (``--mtp-num-layers``, ``--mtp-loss-scaling-factor``,
+``--mtp-depth-weights``, the factor schedule) and, for the equal-FLOPs baselines,
+``--train-iters``. The MTP variants are every depth with the first factor, depth
+weights and schedule, plus the remaining factors and schedules at the first depth and
+the remaining depth weights at the deepest depth; ``full_grid`` trains every
+combination instead.
+
+Factor schedules (``--mtp-factor-schedules``) are written ``constant``, ``warmup:N``,
+``step:F@N``, ``linear:F@N``, ``cosine:F@N`` (decay to F, ending at iteration N) or a
+warmup and a decay joined by ``+`` (``warmup:20+cosine:0.1@200``).
 
     spec = load_spec(["--seeds", "2", "--train-iters", "100"])
     runs = plan_runs(spec, {1: 1.12, 2: 1.25})   # FLOP ratios from experiments.flops
@@ -21,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.mtp import DEPTH_WEIGHT_SCHEMES, MTPConfig
 
 # A small Llama-shaped model (the launcher's defaults: SwiGLU, RMSNorm, RoPE, no biases)
 # on the embedded corpus; one run is ~1 minute on 2 idle CPU cores. The MLP width is
@@ -33,9 +40,15 @@ DEFAULT_LAUNCHER_ARGS: Tuple[str, ...] = (
     "--lr", "3e-3", "--min-lr", "3e-4",
 )
 # Flags the experiment sets per run; passing them through would break the comparison.
-OWNED_FLAGS = ("--mtp-num-layers", "--mtp-loss-scaling-factor", "--train-iters", "--seed",
+OWNED_FLAGS = ("--mtp-num-layers", "--mtp-loss-scaling-factor", "--mtp-depth-weights",
+               "--mtp-loss-scaling-factor-warmup-iters", "--mtp-loss-scaling-factor-final",
+               "--mtp-loss-scaling-factor-decay-style", "--mtp-loss-scaling-factor-decay-iters",
+               "--train-iters", "--seed",
                "--output-dir", "--save", "--load", "--eval-interval", "--eval-iters",
                "--log-interval", "--lr-decay-iters", "--config")
+SCHEDULES_FLAG = "--mtp-factor-schedules"
+_SCHEDULE_ALLOWED = ("constant, warmup:N, step:F@N, linear:F@N, cosine:F@N, or a warmup and "
+                     "a decay joined by '+' (warmup:20+cosine:0.1@200)")
 # The same settings in a launcher YAML (section -> keys; None: the whole section).
 OWNED_YAML = {"mtp": None, "checkpoint": ("save", "load"),
               "logging": ("output_dir", "log_interval"),
@@ -50,6 +63,8 @@ class ExperimentSpec:
     out_dir: str = "runs/compare"
     depths: Tuple[int, ...] = (1, 2)
     factors: Tuple[float, ...] = (0.1, 0.3)
+    depth_weights: Tuple[str, ...] = ("uniform",)
+    factor_schedules: Tuple[str, ...] = ("constant",)
     full_grid: bool = False
     seeds: int = 2
     base_seed: int = 1234
@@ -68,7 +83,7 @@ class ExperimentSpec:
     max_new_tokens: int = 64
 
     def __post_init__(self):
-        for name in ("depths", "factors", "launcher_args"):
+        for name in ("depths", "factors", "depth_weights", "factor_schedules", "launcher_args"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = value.split()
@@ -82,6 +97,7 @@ class ExperimentSpec:
         if not self.factors or min(self.factors) <= 0:
             raise ConfigError("--mtp-loss-scaling-factor", list(self.factors),
                               "one or more factors > 0")
+        self._check_objectives()
         for name, low in (("seeds", 1), ("train_iters", 1), ("eval_interval", 1),
                           ("eval_iters", 1), ("log_interval", 1), ("nproc_per_node", 1),
                           ("prompts", 1), ("prompt_bytes", 1), ("max_new_tokens", 1)):
@@ -98,16 +114,31 @@ class ExperimentSpec:
                 raise ConfigError(flag, arg, "set by the experiment, not in the launcher flags",
                                   "use the experiment's own option (see --help)")
 
+    def _check_objectives(self) -> None:
+        for flag, values in (("--mtp-depth-weights", self.depth_weights),
+                             (SCHEDULES_FLAG, self.factor_schedules)):
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(flag, list(values), "one or more distinct values")
+        for schedule in self.factor_schedules:
+            schedule_flags(schedule)
+        for depth, _, weights, _ in self.variants():  # each list fits its depth
+            MTPConfig(mtp_num_layers=depth, mtp_depth_weights=weights)
+
     @property
     def seed_list(self) -> List[int]:
         return [self.base_seed + i for i in range(self.seeds)]
 
-    def variants(self) -> List[Tuple[int, float]]:
-        """The MTP (depth, factor) pairs to train."""
+    def variants(self) -> List[Tuple[int, float, str, str]]:
+        """The MTP (depth, factor, depth weights, factor schedule) to train."""
+        weights, schedules = self.depth_weights, self.factor_schedules
         if self.full_grid:
-            return [(d, f) for d in self.depths for f in self.factors]
-        pairs = [(d, self.factors[0]) for d in self.depths]
-        return pairs + [(self.depths[0], f) for f in self.factors[1:]]
+            return [(d, f, w, s) for d in self.depths for f in self.factors
+                    for w in weights for s in schedules]
+        first = (self.depths[0], self.factors[0])
+        out = [(d, self.factors[0], weights[0], schedules[0]) for d in self.depths]
+        out += [(first[0], f, weights[0], schedules[0]) for f in self.factors[1:]]
+        out += [(max(self.depths), first[1], w, schedules[0]) for w in weights[1:]]
+        return out + [(*first, weights[0], s) for s in schedules[1:]]
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,8 @@ class RunSpec:
     factor: Optional[float]
     train_iters: int
     flops_depth: Optional[int] = None
+    depth_weights: str = "uniform"
+    schedule: str = "constant"
 
     @property
     def variant(self) -> str:
@@ -128,7 +161,14 @@ class RunSpec:
             if self.flops_depth is None:
                 return "baseline"
             return f"baseline_eqflops_d{self.flops_depth}"
-        return f"mtp_d{self.depth}_f{self.factor:g}"
+        name = f"mtp_d{self.depth}_f{self.factor:g}"
+        if self.depth_weights != "uniform":
+            weights = self.depth_weights
+            name += "_" + (weights if weights in DEPTH_WEIGHT_SCHEMES
+                           else "w" + weights.replace(",", "-"))
+        if self.schedule != "constant":
+            name += "_" + self.schedule.replace(":", "").replace("@", "at").replace("+", "_")
+        return name
 
     @property
     def name(self) -> str:
@@ -149,6 +189,9 @@ class RunSpec:
         if self.depth:
             args += ["--mtp-num-layers", str(self.depth),
                      "--mtp-loss-scaling-factor", repr(self.factor)]
+            if self.depth_weights != "uniform":
+                args += ["--mtp-depth-weights", self.depth_weights]
+            args += schedule_flags(self.schedule)
             if spec.speculative:
                 args += ["--save", os.path.join(run_dir, "checkpoints")]
         return args
@@ -163,11 +206,40 @@ def plan_runs(spec: ExperimentSpec, baseline_iters: Dict[int, int]) -> List[RunS
     runs = []
     for seed in spec.seed_list:
         runs.append(RunSpec(seed, 0, None, spec.train_iters))
-        runs += [RunSpec(seed, d, f, spec.train_iters) for d, f in spec.variants()]
+        runs += [RunSpec(seed, d, f, spec.train_iters, depth_weights=w, schedule=s)
+                 for d, f, w, s in spec.variants()]
         if spec.equal_flops:
             runs += [RunSpec(seed, 0, None, baseline_iters[d], flops_depth=d)
                      for d in sorted(set(spec.depths))]
     return runs
+
+
+def schedule_flags(text: str) -> List[str]:
+    """The launcher flags of a factor schedule (module docstring); ConfigError naming
+    --mtp-factor-schedules if it is not one."""
+    if text == "constant":
+        return []
+    flags: Dict[str, str] = {}
+    for part in text.split("+"):
+        kind, _, value = part.partition(":")
+        try:
+            if kind == "warmup" and "warmup" not in flags:
+                flags["warmup"] = str(int(value))
+            elif kind in ("step", "linear", "cosine") and "style" not in flags:
+                final, _, end = value.partition("@")
+                flags.update(style=kind, final=repr(float(final)), end=str(int(end)))
+            else:
+                raise ValueError(part)
+        except ValueError:
+            raise ConfigError(SCHEDULES_FLAG, text, _SCHEDULE_ALLOWED) from None
+    out = []
+    if "warmup" in flags:
+        out += ["--mtp-loss-scaling-factor-warmup-iters", flags["warmup"]]
+    if "style" in flags:
+        out += ["--mtp-loss-scaling-factor-final", flags["final"],
+                "--mtp-loss-scaling-factor-decay-style", flags["style"],
+                "--mtp-loss-scaling-factor-decay-iters", flags["end"]]
+    return out
 
 
 def check_launcher_yaml(path: str) -> None:
@@ -192,6 +264,10 @@ _HELP = {
     "depths": "MTP depths to train (--mtp-num-layers of each MTP run).",
     "factors": "MTP loss weights: every depth gets the first; the others are swept at the "
                "first depth (or every depth with --full-grid).",
+    "depth_weights": "--mtp-depth-weights of the MTP runs: the first for every run, the "
+                     "others at the deepest depth (uniform, linear, exponential, W1,W2,...).",
+    "factor_schedules": "Factor schedules: the first for every run, the others at the first "
+                        "depth: " + _SCHEDULE_ALLOWED + ".",
     "full_grid": "Train every (depth, factor) pair.",
     "seeds": "Seeds per run (mean +- std over them).",
     "base_seed": "The first seed (seeds are base, base+1, ...).",
@@ -209,7 +285,8 @@ _HELP = {
     "prompt_bytes": "Bytes per held-out prompt (embedded corpus).",
     "max_new_tokens": "Tokens generated per prompt.",
 }
-_FLAGS = {"depths": "--mtp-num-layers", "factors": "--mtp-loss-scaling-factor"}
+_FLAGS = {"depths": "--mtp-num-layers", "factors": "--mtp-loss-scaling-factor",
+          "depth_weights": "--mtp-depth-weights", "factor_schedules": SCHEDULES_FLAG}
 
 
 def flag_name(name: str) -> str:
@@ -232,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "launcher_args":
             continue
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP[f.name]}
-        if f.name in ("depths", "factors"):
-            kwargs.update(nargs="+", type=int if f.name == "depths" else float)
+        if f.name in ("depths", "factors", "depth_weights", "factor_schedules"):
+            kwargs.update(nargs="+", type={"depths": int, "factors": float}.get(f.name, str))
         elif f.type in ("bool",):
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif f.type in ("int", "Optional[int]"):

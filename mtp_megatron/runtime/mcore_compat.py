@@ -145,6 +145,18 @@ def supports_mtp_layer_options() -> bool:
     return _is_main()
 
 
+def mtp_depth_term_module() -> str:
+    """The megatron-core module whose global ``MTPLossAutoScaler`` attaches each MTP
+    depth's loss term (``factor / D * mtp_k``) to the hidden states, once per depth in
+    depth order, during the last stage's forward: 0.16 ``GPTModel._postprocess`` in
+    ``megatron.core.models.gpt.gpt_model`` (which imports the class by name), 0.19
+    ``process_mtp_loss`` in ``megatron.core.transformer.multi_token_prediction``.
+    ``training/mtp_weighting.py`` replaces that one name while a forward runs."""
+    if _is_main():
+        return "megatron.core.transformer.multi_token_prediction"
+    return "megatron.core.models.gpt.gpt_model"
+
+
 def mtp_config_kwargs(*, repeated_layer: bool, detach_heads: bool) -> Dict[str, bool]:
     """TransformerConfig fields for the 0.19-only MTP options (nothing on 0.16, where the
     config section refuses them before anything is built)."""

@@ -4,6 +4,10 @@ The objective is DeepSeek-V3's, as megatron-core computes it::
 
     loss = lm_loss + (mtp_loss_scaling_factor / D) * sum_k mtp_loss_k
 
+or, with ``--mtp-depth-weights`` and a factor schedule, ``lm_loss + factor(i) * sum_k
+w_k * mtp_loss_k`` (``training/mtp_weighting.py``: the factor is set per iteration, each
+depth's term is scaled where megatron-core attaches it; the losses are the same).
+
 * ``lm_loss``: :func:`loss_func` returns ``(sum of masked token losses, token count,
   report)``; megatron-core's schedule divides by the token count and by the number of
   microbatches, so the gradient is that of the mean over microbatches.

@@ -1,7 +1,7 @@
 """Megatron-style iteration log lines (last rank); the numbers go to a MetricsWriter.
 
     iteration 20/200 | elapsed 0:00:09 | ETA 0:01:21 | lm loss 3.512345E+00 |
-    mtp_1 loss 4.012345E+00 | mtp_1 acceptance 0.3120 | lr 1.000000E-03 |
+    mtp_1 loss 4.012345E+00 | mtp_1 acceptance 0.3120 | mtp_factor 0.1 | lr 1.000000E-03 |
     grad norm 1.2340 | tokens/s 23456 | ms/iter 87.3 | TFLOP/s/GPU 0.0120 | MFU 0.41 |
     time ms/iter: data 0.4, forward-backward 80.1, optimizer 6.2, eval 0.0, checkpoint 0.0
 
@@ -10,7 +10,9 @@ remaining iterations times the wall time per iteration since the previous log li
 evaluation and checkpoint saves are included. ``mtp_k acceptance`` (megatron-core 0.19;
 absent on 0.16, whose tracker does not count hits) is the fraction of the window's
 training positions where depth k's top-1 prediction was the token k + 1 ahead: the
-definition validation reports too (``training/evaluate.py``). Steps are recorded with host
+definition validation reports too (``training/evaluate.py``). ``mtp_factor`` (MTP runs)
+is the MTP loss scaling factor the logged iteration trained with, its schedule's value
+(``training/mtp_weighting.py``). Steps are recorded with host
 values only (lr, grad norm, seconds); the losses arrive once per window, already reduced
 (:class:`~mtp_megatron.training.losses.WindowLosses`). TFLOP/s is per GPU (per rank), as
 Megatron-LM logs it and as ``--dry-run`` plans MFU: ``tokens/s x FLOPs per token (MTP
@@ -67,6 +69,8 @@ class StepMetrics:
     stop_reason: Optional[str] = None
     # per-depth top-1 acceptance in training (megatron-core 0.19's tracker; None on 0.16)
     mtp_acceptance: Optional[List[float]] = None
+    # the MTP loss scaling factor this iteration trained with (its schedule's value)
+    mtp_factor: Optional[float] = None
 
 
 @dataclass
@@ -157,6 +161,8 @@ class MetricsLogger:
         accepted = [s.mtp_acceptance for s in steps if s.mtp_acceptance]
         for k in range(len(accepted[-1]) if accepted else 0):
             row[f"mtp_{k + 1} acceptance"] = accepted[-1][k]  # already the window's rate
+        if steps[-1].mtp_factor is not None:
+            row["mtp_factor"] = steps[-1].mtp_factor  # the logged iteration's
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),
@@ -183,6 +189,8 @@ class MetricsLogger:
                 parts.append(f"{key} {value:.0f}")
             elif key == "ms/iter":
                 parts.append(f"{key} {value:.1f}")
+            elif key == "mtp_factor":
+                parts.append(f"{key} {value:.6g}")
             else:
                 parts.append(f"{key} {value:.4f}")
         if row["skipped"]:

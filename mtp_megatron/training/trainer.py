@@ -50,6 +50,7 @@ from mtp_megatron.training.faults import (
 )
 from mtp_megatron.training.losses import LossWindow, forward_step, step_loss_sums
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics, peak_tflops_for
+from mtp_megatron.training.mtp_weighting import MTPWeighting
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 from mtp_megatron.training.progress import phase
 from mtp_megatron.training.timers import StepTimers
@@ -83,6 +84,9 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
+        # the MTP factor of each iteration and the depth weights (training/mtp_weighting.py)
+        self.mtp_weighting = MTPWeighting.for_run(cfg, chunks=self.model, tconfig=self.tconfig,
+                                                  forward_step=forward_step)
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
                                 vocab_size=cfg.model.vocab_size or tokenizer_vocab)
         self.committed_at: Optional[int] = None  # the iteration --save already holds
@@ -220,13 +224,15 @@ class Trainer:
         start = time.perf_counter()
         with self.timers("data"):
             microbatches = self.sampler.next_step()
+        iteration = self.iteration + 1
+        mtp_factor = self.mtp_weighting.start_iteration(iteration)
         with self.timers("forward-backward"):
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             data = [iter(microbatches) for _ in self.model]
             reports = get_forward_backward_func()(
-                forward_step_func=forward_step,
+                forward_step_func=self.mtp_weighting.forward_step,
                 data_iterator=data if len(data) > 1 else data[0],
                 model=self.model,
                 num_microbatches=len(microbatches),
@@ -234,7 +240,6 @@ class Trainer:
                 micro_batch_size=self.cfg.training.micro_batch_size,
                 forward_only=False,
             )
-        iteration = self.iteration + 1
         loss_sums = step_loss_sums(reports)
         self.losses.add(loss_sums)
         with self.timers("optimizer"):
@@ -255,7 +260,7 @@ class Trainer:
             iteration=self.iteration, lm_loss=None, mtp_losses=None,
             lr=self.optimizer.param_groups[0]["lr"], grad_norm=outcome.grad_norm,
             seconds=time.perf_counter() - start, skipped=not outcome.updated,
-            stop_reason=outcome.stop_reason,
+            stop_reason=outcome.stop_reason, mtp_factor=mtp_factor,
         )
 
     def train_step(self) -> StepMetrics:

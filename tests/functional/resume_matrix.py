@@ -46,7 +46,7 @@ class CaseResult:
 
 def _values(step) -> Dict[str, Any]:
     out = {"lm loss": step.lm_loss, "lr": step.lr, "grad norm": step.grad_norm,
-           "skipped": step.skipped}
+           "skipped": step.skipped, "mtp_factor": step.mtp_factor}
     for depth, value in enumerate(step.mtp_losses or [], start=1):
         out[f"mtp_{depth} loss"] = value
     return out

@@ -9,7 +9,7 @@ and computes, for a batch ``tokens, labels, loss_mask`` (``[b, s]``)::
     depth k=1..D   h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]      i < s - k
                    h^k  = RMSNorm_k(TRM_k(h'))        (one transformer layer, then a norm)
                    mtp_k = masked mean of CE(OutHead(h^k_i), labels_{i+k}), mask_{i+k}
-    objective      lm + factor / D * sum_k mtp_k
+    objective      lm + factor * sum_k w_k mtp_k      (w_k = 1 / D unless depth_weights)
 
 DeepSeek-V3 (arXiv:2412.19437, section 2.2, eqs. 21-25) shrinks the sequence by one
 position per depth; we do the same (positions ``i >= s - k`` have no target). Attention
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,8 @@ class ReferenceConfig:
     eps: float = 1e-5
     rope_base: float = 10000.0
     chain_normed_hidden: bool = True  # see the module docstring
+    # w_1..w_D summing to 1 (--mtp-depth-weights, normalised); () = uniform, 1 / D each
+    depth_weights: Tuple[float, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +112,14 @@ def transformer_layer(x: torch.Tensor, w: Weights, name: str, cfg: ReferenceConf
     return x + mlp(normed, w, f"{name}.mlp", cfg)
 
 
+def depth_scale(cfg: ReferenceConfig, k: int) -> float:
+    """The objective's coefficient of ``mtp_k`` (1-based): ``factor * w_k``, with
+    ``w_k = 1 / D`` (written ``factor / D``, megatron-core's expression) when uniform."""
+    if cfg.depth_weights:
+        return cfg.mtp_loss_scaling_factor * cfg.depth_weights[k - 1]
+    return cfg.mtp_loss_scaling_factor / max(cfg.mtp_num_layers, 1)
+
+
 def masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     """(per-token CE ``[b, s]``, masked sum, token count)."""
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
@@ -156,8 +166,7 @@ def forward(w: Weights, cfg: ReferenceConfig, tokens: torch.Tensor, labels: torc
         hidden = normed if cfg.chain_normed_hidden else out
 
     lm = lm_sum / lm_count
-    depth_weight = cfg.mtp_loss_scaling_factor / max(cfg.mtp_num_layers, 1)
-    objective = lm + depth_weight * sum(mtp) if mtp else lm
+    objective = lm + sum(depth_scale(cfg, k) * m for k, m in enumerate(mtp, 1)) if mtp else lm
     return {"lm_tokens": lm_tokens, "lm": lm, "mtp": mtp, "sums": sums, "counts": counts,
             "objective": objective}
 
@@ -176,13 +185,12 @@ def step_objective(w: Weights, cfg: ReferenceConfig, microbatches: List[Dict[str
     outs = [forward(w, cfg, mb["tokens"], mb["labels"], mb["loss_mask"]) for mb in microbatches]
     if not per_token:
         return sum(o["objective"] for o in outs) / len(outs)
-    depth_weight = cfg.mtp_loss_scaling_factor / max(cfg.mtp_num_layers, 1)
     lm_count = sum(o["counts"][0] for o in outs)
     total = sum(o["sums"][0] for o in outs)
     for k in range(1, cfg.mtp_num_layers + 1):
         for o in outs:
             scale = o["counts"][0] / o["counts"][k].clamp(min=1) if rescale_rolled else 1.0
-            total = total + depth_weight * o["sums"][k] * scale
+            total = total + depth_scale(cfg, k) * o["sums"][k] * scale
     return total / lm_count
 
 

@@ -7,7 +7,7 @@ Imported only inside spawned ranks (it imports megatron-core; ``gpt_mtp`` does n
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,13 +38,17 @@ def tiny_config(world_size: int, output_dir: str, **overrides):
     return build_config({}, values, world_size)
 
 
-def reference_config(cfg) -> ReferenceConfig:
+def reference_config(cfg, *, factor: Optional[float] = None,
+                     depth_weights: Tuple[float, ...] = ()) -> ReferenceConfig:
+    """The reference's view of ``cfg``; ``factor`` (default: --mtp-loss-scaling-factor)
+    and ``depth_weights`` (default: uniform) are the test's own expectations."""
     return ReferenceConfig(
         num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
         num_attention_heads=cfg.model.num_attention_heads,
         num_query_groups=cfg.model.query_groups,
         mtp_num_layers=cfg.mtp.mtp_num_layers or 0,
-        mtp_loss_scaling_factor=cfg.mtp.mtp_loss_scaling_factor,
+        mtp_loss_scaling_factor=cfg.mtp.mtp_loss_scaling_factor if factor is None else factor,
+        depth_weights=tuple(depth_weights),
         swiglu=cfg.model.swiglu,
         tied_embeddings=not cfg.model.untie_embeddings_and_output_weights,
     )

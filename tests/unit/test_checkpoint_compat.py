@@ -89,3 +89,41 @@ def test_defaults_resolved_before_comparing(tmp_path):
     assert "ffn_hidden_size" in _error(ck, ffn_hidden_size=128)
     gelu = _saved(tmp_path / "gelu", swiglu=False)  # the GELU default is 4h
     _ok(gelu, swiglu=False, ffn_hidden_size=128)
+
+
+def test_changed_mtp_objective_is_allowed_and_announced(tmp_path, caplog):
+    """The factor, its schedule and the depth weights may change on resume (a deliberate
+    change of the objective): one warning per changed flag, naming both values."""
+    mtp = {"mtp_num_layers": 2, "mtp_loss_scaling_factor": 0.3}
+    ck = _saved(tmp_path, **mtp)
+    with caplog.at_level("WARNING", logger="mtp_megatron"):
+        _ok(ck, **mtp, mtp_depth_weights="1.0,1")  # the same weights, another spelling
+        _ok(ck, **mtp)
+    assert "changed MTP objective" not in caplog.text
+    with caplog.at_level("WARNING", logger="mtp_megatron"):
+        _ok(ck, mtp_num_layers=2, mtp_loss_scaling_factor=0.1, mtp_depth_weights="linear",
+            mtp_loss_scaling_factor_warmup_iters=1, mtp_loss_scaling_factor_final=0.05,
+            mtp_loss_scaling_factor_decay_style="step", mtp_loss_scaling_factor_decay_iters=3)
+    for change in ("--mtp-loss-scaling-factor: 0.3 -> 0.1",
+                   "--mtp-depth-weights: 'uniform' -> 'linear'",
+                   "--mtp-loss-scaling-factor-warmup-iters: 0 -> 1",
+                   "--mtp-loss-scaling-factor-final: None -> 0.05",
+                   "--mtp-loss-scaling-factor-decay-style: 'constant' -> 'step'",
+                   "--mtp-loss-scaling-factor-decay-iters: None -> 3"):
+        assert caplog.text.count(change) == 1, change
+    assert ck in caplog.text
+
+
+def test_a_checkpoint_from_before_the_weighting_flags_had_their_defaults(tmp_path, caplog):
+    import yaml
+
+    ck = _saved(tmp_path, mtp_num_layers=2)
+    path = tmp_path / "iter_0000002" / "run_config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    saved["mtp"] = {"mtp_num_layers": 2, "mtp_loss_scaling_factor": 0.1}
+    path.write_text(yaml.safe_dump(saved))
+    with caplog.at_level("WARNING", logger="mtp_megatron"):
+        _ok(ck, mtp_num_layers=2)
+        assert "changed MTP objective" not in caplog.text
+        _ok(ck, mtp_num_layers=2, mtp_depth_weights="exponential")
+    assert "--mtp-depth-weights: 'uniform' -> 'exponential'" in caplog.text

@@ -204,7 +204,7 @@ def test_spec_flags_yaml_and_errors(tmp_path):
     assert spec.threads == 1
     assert not spec.equal_flops and spec.launcher_args == ("--num-layers", "2")
     assert ExperimentSpec(factors=(0.1, 0.3), depths=(1, 2), full_grid=True).variants() == [
-        (1, 0.1), (1, 0.3), (2, 0.1), (2, 0.3)]
+        (d, f, "uniform", "constant") for d, f in ((1, 0.1), (1, 0.3), (2, 0.1), (2, 0.3))]
     path = tmp_path / "exp.yaml"
     path.write_text("seeds: 1\nlauncher_config: examples/compare_gpu_model.yaml\n")
     spec, _ = load_spec(["--config", str(path), "--train-iters", "7"])
@@ -237,3 +237,60 @@ def test_trainer_metrics_record_peak_memory(tmp_path):
     log.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["max RSS MiB"] > 10 and "max RSS" not in line
+
+
+# -- depth weights and factor schedules ---------------------------------------------------
+def test_sweeps_of_depth_weights_and_factor_schedules(tmp_path):
+    spec, _ = load_spec(["--mtp-num-layers", "3", "--mtp-loss-scaling-factor", "0.3",
+                         "--mtp-depth-weights", "uniform", "exponential", "2,1,1",
+                         "--mtp-factor-schedules", "constant", "step:0.1@100",
+                         "warmup:20+cosine:0.05@150", "--seeds", "1", "--no-equal-flops"])
+    runs = plan_runs(spec, {})
+    assert [r.variant for r in runs] == [
+        "baseline", "mtp_d3_f0.3", "mtp_d3_f0.3_exponential", "mtp_d3_f0.3_w2-1-1",
+        "mtp_d3_f0.3_step0.1at100", "mtp_d3_f0.3_warmup20_cosine0.05at150"]
+    args = {r.variant: r.launcher_args(spec) for r in runs}
+    assert "--mtp-depth-weights" not in args["mtp_d3_f0.3"]
+    assert _arg(args["mtp_d3_f0.3_w2-1-1"], "--mtp-depth-weights") == "2,1,1"
+    step = args["mtp_d3_f0.3_step0.1at100"]
+    assert [_arg(step, "--mtp-loss-scaling-factor-" + f) for f in (
+        "final", "decay-style", "decay-iters", "warmup-iters")] == ["0.1", "step", "100", None]
+    both = args["mtp_d3_f0.3_warmup20_cosine0.05at150"]
+    assert [_arg(both, "--mtp-loss-scaling-factor-" + f) for f in (
+        "final", "decay-style", "decay-iters", "warmup-iters")] == ["0.05", "cosine", "150", "20"]
+    compare.check_runs(spec, runs)  # every run's flags are a valid launcher config
+    # weights are swept at the deepest depth, schedules at the first
+    spec = ExperimentSpec(depths=(1, 2), factors=(0.1,), depth_weights=("uniform", "linear"),
+                          factor_schedules=("constant", "warmup:10"))
+    assert spec.variants() == [(1, 0.1, "uniform", "constant"), (2, 0.1, "uniform", "constant"),
+                               (2, 0.1, "linear", "constant"), (1, 0.1, "uniform", "warmup:10")]
+
+
+@pytest.mark.parametrize("values,flag", [
+    ({"factor_schedules": ("step:0.1",)}, "--mtp-factor-schedules"),
+    ({"factor_schedules": ("warmup:5+warmup:6",)}, "--mtp-factor-schedules"),
+    ({"factor_schedules": ("exp:0.1@5",)}, "--mtp-factor-schedules"),
+    ({"depth_weights": ("1,2",), "depths": (3,)}, "--mtp-depth-weights"),
+    ({"depth_weights": ("uniform", "uniform")}, "--mtp-depth-weights"),
+])
+def test_bad_sweeps_name_the_option(values, flag):
+    with pytest.raises(ConfigError, match=f"^{flag}="):
+        ExperimentSpec(**values)
+
+
+def test_a_schedule_that_does_not_fit_the_run_fails_before_training(tmp_path, fake):
+    spec = small_spec(tmp_path, depths=(1,), factors=(0.3,), equal_flops=False,
+                      factor_schedules=("constant", "warmup:500"))
+    with pytest.raises(ConfigError, match="--mtp-loss-scaling-factor-warmup-iters=500"):
+        compare.run_experiment(spec, command="test")
+    assert fake.launches == []
+
+
+def test_the_objective_of_a_weighted_scheduled_run():
+    """train_objective uses the depth weights and the row's own (scheduled) factor."""
+    row = {"lm loss": 2.0, "mtp_1 loss": 3.0, "mtp_2 loss": 4.0}
+    assert collect.train_objective(row, 0.3) == pytest.approx(2.0 + 0.3 * 3.5)
+    assert collect.train_objective(row, 0.3, "3,1") == pytest.approx(2.0 + 0.3 * 3.25)
+    row["mtp_factor"] = 0.1
+    assert collect.train_objective(row, 0.3, "linear") == pytest.approx(
+        2.0 + 0.1 * (2 * 3.0 + 4.0) / 3)
