@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import List, Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -29,16 +29,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
 from mtp_megatron.checkpoint.layout import iteration_dir
 from mtp_megatron.checkpoint.lock import acquire_on_rank0
+from mtp_megatron.checkpoint.vocab import vocab_rows
 from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
 from mtp_megatron.data.loader import build_step_loader
-from mtp_megatron.model.builder import (
-    build_model,
-    params_dtype,
-    transformer_config,
-    vocab_size_for,
-)
+from mtp_megatron.model.builder import build_model, params_dtype, transformer_config
 from mtp_megatron.model.counting import flops_per_token
+from mtp_megatron.model.padding import mask_dead_rows
 from mtp_megatron.runtime import distributed
 from mtp_megatron.training.evaluate import Evaluator
 from mtp_megatron.training.faults import (
@@ -73,10 +70,13 @@ class Trainer:
         with phase("preparing data", log=log_last_rank):  # the first run builds the corpus
             self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
         tokenizer_vocab = self.data_plan.vocab_size
-        self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
+        # padded rows: a resume keeps the checkpoint's (checkpoint/vocab.py)
+        rows = vocab_rows(cfg, vocab_size=cfg.model.vocab_size or tokenizer_vocab)
+        self.vocab_size = rows.padded
         on_cpu = self.device.type == "cpu"
         self.tconfig = transformer_config(cfg, on_cpu=on_cpu)
         self.model = build_model(cfg, self.tconfig, transformer_impl, self.vocab_size, self.device)
+        mask_dead_rows(self.model, live=rows.live, padded=rows.padded)
         self.optimizer = build_optimizer(
             self.model, training=cfg.training, parallel=cfg.parallel,
             params_dtype=params_dtype(cfg),
@@ -84,7 +84,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self._wire_model_config()
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
-                                vocab_size=cfg.model.vocab_size or tokenizer_vocab)
+                                vocab_size=cfg.model.vocab_size or tokenizer_vocab,
+                                live_rows=rows.live)
         self.committed_at: Optional[int] = None  # the iteration --save already holds
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
@@ -274,10 +275,14 @@ class Trainer:
         if self.async_saver is not None:
             self.async_saver.poll()
 
-    def train(self) -> List[StepMetrics]:
+    def train(self, on_step: Optional[Callable[[StepMetrics], None]] = None
+              ) -> Optional[StepMetrics]:
+        """Train to --train-iters (or an early stop); returns the last step. Steps are not
+        kept (a million-step run would hold a million): ``on_step`` sees each one (its
+        losses are filled in when its log window closes)."""
         for chunk in self.model:
             chunk.train()
-        history = []
+        step = None
         ckpt = self.cfg.checkpoint
         saved_at, evaluated_at = self.committed_at, None
         eval_interval = self.cfg.data.eval_interval
@@ -289,7 +294,8 @@ class Trainer:
                 step = self.run_step()
             first = False
             self.metrics.record(step)
-            history.append(step)
+            if on_step is not None:
+                on_step(step)
             if self.metrics.due(self.iteration) or step.stop_reason:
                 self._log_window()
             if eval_interval and self.iteration % eval_interval == 0:
@@ -312,7 +318,7 @@ class Trainer:
             write_stop_record(self.cfg.logging.output_dir, iteration=self.iteration,
                               reason=stopped, checkpoint=ckpt.save and iteration_dir(ckpt.save,
                                                                         self.iteration))
-        return history
+        return step
 
     def close(self) -> None:
         if self.async_saver is not None:
