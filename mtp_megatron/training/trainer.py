@@ -90,7 +90,7 @@ class Trainer:
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
         self.writer = MetricsWriter.for_run(cfg.logging, enabled=distributed.is_last_rank(),
-                                            config=to_dict(cfg))
+                                            config=to_dict(cfg), start_iteration=self.iteration)
         self.async_saver = None
         if cfg.checkpoint.async_save:
             from mtp_megatron.checkpoint.async_save import AsyncSaver
