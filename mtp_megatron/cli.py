@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -46,13 +47,15 @@ SILENT_RANK_GRACE_S = 10.0
 
 
 def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
-    """Print a user error on one rank (``rank_var`` == 0), not once per process.
+    """Print a user error on one rank (``rank_var`` == 0), not once per process; every
+    rank prints when the variable is not a rank number (``LOCAL_RANK=-1``, the error).
 
     The other ranks wait up to :data:`SILENT_RANK_GRACE_S` before returning: a silent
     rank that exited first would be the "first failure" torchrun acts on, and torchrun
     would SIGTERM the reporting rank before its line reached stderr.
     """
-    if _launcher_rank(rank_var, slurm_var) == "0":
+    rank = _launcher_rank(rank_var, slurm_var)
+    if rank == "0" or not rank.isdigit():  # a broken rank variable: no rank is sure to print
         print(f"error: {err}", file=sys.stderr, flush=True)
     else:  # a non-zero rank: there is a reporting rank to wait for
         time.sleep(SILENT_RANK_GRACE_S)
@@ -87,12 +90,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtp_megatron.training.trainer import Trainer
 
     trainer = None
+    signal.signal(signal.SIGINT, _interrupt_once)  # --exit-signal-handler replaces it
     try:
         trainer = Trainer(cfg, launch, transformer_impl)
         trainer.train()
     except (ConfigError, CheckpointError, NonFiniteStepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_code(err)
+    except KeyboardInterrupt:
+        where = f" during iteration {trainer.iteration + 1}" if trainer is not None else ""
+        print(f"error: interrupted (SIGINT){where}; nothing saved since the last checkpoint "
+              "(with --exit-signal-handler, Ctrl-C finishes the iteration and saves)",
+              file=sys.stderr)
+        return ExitCode.INTERRUPTED
     finally:
         if trainer is not None:
             trainer.close()
@@ -101,6 +111,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             shutdown()
     return ExitCode.OK
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C without --exit-signal-handler: one KeyboardInterrupt (reported in one line),
+    then SIGINT is ignored, since torchrun forwards a second one to its workers while they
+    shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def exit_code(err: BaseException) -> ExitCode:

@@ -73,6 +73,7 @@ def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
                 raise CheckpointError(
                     f"{directory} was saved with {section}.{key}={theirs!r} but this run has "
                     f"{_flag(key)}={mine!r}; use the same value (the weights have other shapes)"
+                    + (_new_depth_hint(directory, mine) if key == "mtp_num_layers" else "")
                 )
     model, saved_model = ours["model"], saved.get("model", {})
     if model["position_embedding_type"] == "learned_absolute":
@@ -86,6 +87,16 @@ def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
                 f"--seq-length={model['seq_length']}); pass --max-position-embeddings {theirs} "
                 f"(any --seq-length up to {theirs} then works)"
             )
+
+
+def _new_depth_hint(directory: str, depth: Optional[int]) -> str:
+    """How to give a trained model another MTP depth: through the Hugging Face format,
+    whose import adds fresh MTP modules (or keeps the exported ones)."""
+    return (f". To continue it with {depth or 0} MTP layers, convert it: python -m "
+            f"mtp_megatron.hf export --load {directory} --out HF_DIR, then python -m "
+            f"mtp_megatron.hf import --hf HF_DIR --save NEW_DIR --mtp-num-layers {depth or 0}, "
+            "and train with --load NEW_DIR --finetune (Llama- or GPT-NeoX-shaped models; "
+            "docs/hf.md)")
 
 
 def _check_vocab(directory: str, common: Dict[str, Any], vocab_size: Optional[int],

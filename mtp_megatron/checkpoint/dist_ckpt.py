@@ -333,8 +333,9 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
 
 
 def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,
-                       iteration: int = 0) -> str:
-    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. an imported model.
+                       iteration: int = 0, extra: Optional[Dict[str, Any]] = None) -> str:
+    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. an imported model;
+    ``extra`` goes into its common state (the importer's Hugging Face token ids).
 
     Training starts from it with ``--load DIR --finetune`` in any layout.
     """
@@ -344,7 +345,8 @@ def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: s
     sharded = dict(_model_state(model, _metadata(content)))
     sharded["common"] = {"iteration": iteration, "consumed_samples": 0,
                          "checkpoint_version": CHECKPOINT_VERSION, "layout": _layout(cfg),
-                         "weights_only": True, "vocab": _vocab_record(model, None, None)}
+                         "weights_only": True, "vocab": _vocab_record(model, None, None),
+                         **(extra or {})}
     return _write(guard, sharded, cfg, {"content_metadata": content,
                                         "preprocess_common_before_consistancy_check":
                                             _rank_independent})
@@ -377,6 +379,16 @@ def _describe(error: Optional[BaseException]) -> str:
 def _agree(ok: bool) -> bool:
     """True on every rank only if ``ok`` on every rank (so no rank hangs alone)."""
     return comm.all_ranks(ok)
+
+
+def common_state(directory: str) -> Dict[str, Any]:
+    """A checkpoint's ``common`` record (iteration, vocabulary, layout, ...); {} when it
+    cannot be read (a load reports that, naming the cause)."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory).get("common")
+    except LOAD_ERRORS:
+        return {}
+    return common if isinstance(common, dict) else {}
 
 
 def _read_common(directory: str) -> Dict[str, Any]:

@@ -63,15 +63,9 @@ def rows_for(saved: Optional[Dict[str, Any]], *, vocab_size: int, divisible_by: 
 def saved_vocab(directory: str) -> Optional[Dict[str, Any]]:
     """The ``vocab`` record of a checkpoint's common state (None if it has none or cannot
     be read: the load reports that)."""
-    from megatron.core import dist_checkpointing
+    from mtp_megatron.checkpoint.dist_ckpt import common_state
 
-    try:
-        common = dist_checkpointing.load_common_state_dict(directory)
-    except BaseException as exc:  # noqa: BLE001  torch's CheckpointException is one
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        return None
-    vocab = (common.get("common") or {}).get("vocab")
+    vocab = common_state(directory).get("vocab")
     return vocab if isinstance(vocab, dict) else None
 
 

@@ -1,7 +1,10 @@
 """Leaving a run cleanly and refusing bad steps, with one small collective per step.
 
 * :class:`ExitConditions`: ``--exit-signal-handler`` (finish the iteration, save, exit
-  0), ``--exit-duration-in-mins``, ``--exit-interval``.
+  0; the ``--exit-signal`` and Ctrl-C's SIGINT), ``--exit-duration-in-mins``,
+  ``--exit-interval``. The signal and the time budget are also agreed between
+  evaluation batches (:meth:`ExitConditions.check` with no iteration), so a long
+  evaluation does not outlast the launcher's grace period.
 * :func:`checked_optimizer_step`: megatron-core's ``optimizer.step()`` split at the one
   point where the step can still be refused: after the gradient norm is known (mcore
   computes it anyway, for clipping), before any weight changes. NaN/Inf is detected from
@@ -75,25 +78,35 @@ def agree(local: torch.Tensor) -> List[float]:
 class ExitConditions:
     """Watches the exit signal, the wall-clock budget and the exit interval."""
 
+    # Ctrl-C (SIGINT, sent to the whole process group: torchrun and every worker) stops
+    # like the exit signal, instead of a KeyboardInterrupt inside megatron-core.
+    ALSO_CAUGHT = ("SIGINT",)
+
     def __init__(self, checkpoint: CheckpointConfig):
         self.cfg = checkpoint
         self.start = time.time()
         self.signal_received = False
+        self.signal_name = checkpoint.exit_signal
         if checkpoint.exit_signal_handler:
-            signal.signal(getattr(signal, checkpoint.exit_signal), self._on_signal)
+            for name in dict.fromkeys((checkpoint.exit_signal, *self.ALSO_CAUGHT)):
+                signal.signal(getattr(signal, name), self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if not self.signal_received:
+            self.signal_name = signal.Signals(signum).name
         self.signal_received = True
 
-    def local(self, iteration: int) -> Tuple[List[float], List[str]]:
-        """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop."""
+    def local(self, iteration: Optional[int]) -> Tuple[List[float], List[str]]:
+        """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop
+        (``iteration`` None: between evaluation batches, where --exit-interval waits)."""
         reasons = []
         if self.signal_received:
-            reasons.append(f"received {self.cfg.exit_signal}")
+            reasons.append(f"received {self.signal_name}")
         minutes = (time.time() - self.start) / 60.0
         if self.cfg.exit_duration_in_mins is not None and minutes >= self.cfg.exit_duration_in_mins:
             reasons.append(f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached")
-        if self.cfg.exit_interval and iteration % self.cfg.exit_interval == 0:
+        if self.cfg.exit_interval and iteration is not None \
+                and iteration % self.cfg.exit_interval == 0:
             reasons.append(f"--exit-interval {self.cfg.exit_interval} reached")
         return [float(self.signal_received), minutes, float(bool(reasons))], reasons
 
@@ -106,8 +119,11 @@ class ExitConditions:
             reasons = ["another rank asked to stop"]
         return "; ".join(reasons)
 
-    def check(self, iteration: int, device: torch.device = torch.device("cpu")) -> Optional[str]:
-        """Why to stop after this iteration, agreed on its own (outside a training step)."""
+    def check(self, iteration: Optional[int],
+              device: torch.device = torch.device("cpu")) -> Optional[str]:
+        """Why to stop after this iteration, agreed on its own (outside a training step);
+        with ``iteration`` None (between evaluation batches) the signal and the time
+        budget only. Every rank must call it."""
         flags, reasons = self.local(iteration)
         agreed = agree(torch.tensor([0.0] + flags, dtype=torch.float64, device=device))
         return self.decide(agreed[STOP], reasons)

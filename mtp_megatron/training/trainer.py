@@ -164,6 +164,7 @@ class Trainer:
             mtp_depth=self.cfg.mtp.mtp_num_layers or 0, writer=self.writer,
             tokens_per_step=train.global_batch_size * self.cfg.model.seq_length,
             is_logging_rank=distributed.is_last_rank(),
+            stop_check=lambda: self.exit.check(None, self.device),  # a signal mid-evaluation
         )
 
     def evaluate(self) -> Optional[dict]:
@@ -172,6 +173,10 @@ class Trainer:
             return None
         with self.timers("eval"), self._params_gathered():
             return self.evaluator.run(self.iteration, self.cfg.data.eval_iters)
+
+    def _evaluation_stopped(self) -> Optional[str]:
+        """The stop reason that cut the last evaluation short, if any."""
+        return self.evaluator.stopped if self.evaluator is not None else None
 
     @contextlib.contextmanager
     def _params_gathered(self):
@@ -304,12 +309,14 @@ class Trainer:
             if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-            if step.stop_reason:
-                log_last_rank(f"stopping after iteration {self.iteration}: {step.stop_reason}")
-                stopped = step.stop_reason
+            stop_reason = step.stop_reason or self._evaluation_stopped()
+            if stop_reason:
+                log_last_rank(f"stopping after iteration {self.iteration}: {stop_reason}")
+                stopped = stop_reason
                 break
         if self.iteration >= self.cfg.training.train_iters and evaluated_at != self.iteration:
             self.evaluate()  # the final evaluation
+            stopped = stopped or self._evaluation_stopped()
         if ckpt.save and saved_at != self.iteration:
             self.save()
         if self.async_saver is not None:
