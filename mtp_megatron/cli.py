@@ -12,12 +12,13 @@ reporting rank before it has printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from mtp_megatron.config import ConfigError, load_config
 from mtp_megatron.exit_codes import ExitCode
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtp_megatron.training.trainer import Trainer
 
     trainer = None
-    signal.signal(signal.SIGINT, _interrupt_once)  # --exit-signal-handler replaces it
+    previous = signal.signal(signal.SIGINT, _interrupt_once)  # --exit-signal-handler: its own
     try:
         trainer = Trainer(cfg, launch, transformer_impl)
         trainer.train()
@@ -102,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: interrupted (SIGINT){where}; nothing saved since the last checkpoint "
               "(with --exit-signal-handler, Ctrl-C finishes the iteration and saves)",
               file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        _leave_interrupted(trainer)
     finally:
         if trainer is not None:
             trainer.close()
@@ -110,7 +111,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from mtp_megatron.runtime.distributed import shutdown
 
             shutdown()
+        signal.signal(signal.SIGINT, previous)
     return ExitCode.OK
+
+
+def _leave_interrupted(trainer) -> NoReturn:
+    """Exit 130 now. A collective cut short by the interrupt cannot be torn down (gloo
+    waits at exit for a peer that will never answer, until torchrun kills the worker 30 s
+    later), so only what another run would see is put in order: the metrics file and
+    ``--save``'s lock."""
+    if trainer is not None:
+        with contextlib.suppress(Exception):
+            trainer.metrics.close()
+        if trainer.save_lock is not None:
+            trainer.save_lock.release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(ExitCode.INTERRUPTED)
 
 
 def _interrupt_once(signum, frame) -> None:
