@@ -1,13 +1,13 @@
 """The launcher's body: parse and validate, then plan (--dry-run) or train.
 
 User mistakes and run failures end with one clear line on stderr and a distinct exit
-code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4 (the
-table is in mtp_megatron/exit_codes.py). Under a launcher every rank exits non-zero, but
-the line is printed once: a config error (the same on every rank) by global rank 0, a
-machine check that failed (preflight: paths, GPU, libraries) by each node's local rank 0.
-The silent ranks linger a few seconds before exiting (see :func:`_report`) so that
-torchrun, which stops every worker at the first failure it sees, cannot kill the
-reporting rank before it has printed.
+code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4, Ctrl-C
+without --exit-signal-handler 130 (the table is in mtp_megatron/exit_codes.py). Under a
+launcher every rank exits non-zero, but the line is printed once: a config error (the
+same on every rank) by global rank 0, a machine check that failed (preflight: paths,
+GPU, libraries) by each node's local rank 0. The silent ranks linger a few seconds
+before exiting (see :func:`_report`) so that torchrun, which stops every worker at the
+first failure it sees, cannot kill the reporting rank before it has printed.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ SILENT_RANK_GRACE_S = 10.0
 
 
 def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
-    """Print a user error on one rank (``rank_var`` == 0), not once per process; every
-    rank prints when the variable is not a rank number (``LOCAL_RANK=-1``, the error).
+    """Print a user error on one rank (``rank_var`` == 0), not once per process. When the
+    variable is not a rank number (``LOCAL_RANK=-1``: usually the error itself) no rank
+    can be sure another prints, so each prints.
 
     The other ranks wait up to :data:`SILENT_RANK_GRACE_S` before returning: a silent
     rank that exited first would be the "first failure" torchrun acts on, and torchrun
