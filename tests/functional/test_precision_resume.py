@@ -59,7 +59,10 @@ def _main_params_match_model(trainer) -> bool:
 
 def probe_changed_settings(session, root, results):
     """Item 5: a resume that changes a shape or the optimizer's format."""
+    # one step after the checkpoint: a shorter run than the one saved, whose LR schedule
+    # (--lr-decay-iters = --train-iters) is kept
     base = dict(rm.TINY, mtp_num_layers=2, train_iters=rm.ITERS // 2 + 1,
+                use_checkpoint_opt_param_scheduler=True,
                 output_dir=os.path.join(root, "probe"))
     fp32_ck, bf16_ck = results["fp32_plain"].checkpoint, results["bf16_plain"].checkpoint
     out = {
