@@ -27,7 +27,7 @@ import pytest
 from tests.dist_utils import spawn
 from tests.functional import resume_matrix as rm
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.compat]  # the 0.16 and 0.19 schedule loads differ
 
 TINY = dict(rm.TINY, mtp_num_layers=1, train_iters=4)
 TP2 = dict(tensor_model_parallel_size=2)
