@@ -1,22 +1,24 @@
 """The launcher's body: parse and validate, then plan (--dry-run) or train.
 
 User mistakes and run failures end with one clear line on stderr and a distinct exit
-code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4 (the
-table is in mtp_megatron/exit_codes.py). Under a launcher every rank exits non-zero, but
-the line is printed once: a config error (the same on every rank) by global rank 0, a
-machine check that failed (preflight: paths, GPU, libraries) by each node's local rank 0.
-The silent ranks linger a few seconds before exiting (see :func:`_report`) so that
-torchrun, which stops every worker at the first failure it sees, cannot kill the
-reporting rank before it has printed.
+code, never a traceback: ConfigError 2, CheckpointError 3, NonFiniteStepError 4, Ctrl-C
+without --exit-signal-handler 130 (the table is in mtp_megatron/exit_codes.py). Under a
+launcher every rank exits non-zero, but the line is printed once: a config error (the
+same on every rank) by global rank 0, a machine check that failed (preflight: paths,
+GPU, libraries) by each node's local rank 0. The silent ranks linger a few seconds
+before exiting (see :func:`_report`) so that torchrun, which stops every worker at the
+first failure it sees, cannot kill the reporting rank before it has printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from mtp_megatron.config import ConfigError, load_config
 from mtp_megatron.exit_codes import ExitCode
@@ -49,13 +51,16 @@ SILENT_RANK_GRACE_S = 10.0
 
 
 def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
-    """Print a user error on one rank (``rank_var`` == 0), not once per process.
+    """Print a user error on one rank (``rank_var`` == 0), not once per process. When the
+    variable is not a rank number (``LOCAL_RANK=-1``: usually the error itself) no rank
+    can be sure another prints, so each prints.
 
     The other ranks wait up to :data:`SILENT_RANK_GRACE_S` before returning: a silent
     rank that exited first would be the "first failure" torchrun acts on, and torchrun
     would SIGTERM the reporting rank before its line reached stderr.
     """
-    if _launcher_rank(rank_var, slurm_var) == "0":
+    rank = _launcher_rank(rank_var, slurm_var)
+    if rank == "0" or not rank.isdigit():  # a broken rank variable: no rank is sure to print
         print(f"error: {err}", file=sys.stderr, flush=True)
     else:  # a non-zero rank: there is a reporting rank to wait for
         time.sleep(SILENT_RANK_GRACE_S)
@@ -95,12 +100,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtp_megatron.training.trainer import Trainer
 
     trainer = None
+    previous = None
+    if not cfg.checkpoint.exit_signal_handler:  # with it, faults.catch_exit_signal has SIGINT
+        previous = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         trainer = Trainer(cfg, launch, transformer_impl)
         trainer.train()
     except (ConfigError, CheckpointError, NonFiniteStepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_code(err)
+    except KeyboardInterrupt:
+        where = f" during iteration {trainer.iteration + 1}" if trainer is not None else ""
+        print(f"error: interrupted (SIGINT){where}; nothing saved since the last checkpoint "
+              "(with --exit-signal-handler, Ctrl-C finishes the iteration and saves)",
+              file=sys.stderr)
+        _leave_interrupted(trainer)
     finally:
         if trainer is not None:
             trainer.close()
@@ -109,7 +123,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             shutdown()
         ignore_exit_signal()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return ExitCode.OK
+
+
+def _leave_interrupted(trainer) -> NoReturn:
+    """Exit 130 now. A collective cut short by the interrupt cannot be torn down (gloo
+    waits at exit for a peer that will never answer, until torchrun kills the worker 30 s
+    later), so only what another run would see is put in order: the metrics file and
+    ``--save``'s lock."""
+    if trainer is not None:
+        with contextlib.suppress(Exception):
+            trainer.metrics.close()
+        if trainer.save_lock is not None:
+            trainer.save_lock.release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(ExitCode.INTERRUPTED)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C without --exit-signal-handler: one KeyboardInterrupt (reported in one line),
+    then SIGINT is ignored, since torchrun forwards a second one to its workers while they
+    shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def exit_code(err: BaseException) -> ExitCode:

@@ -8,6 +8,8 @@
        in use by another run (CheckpointError); the last good checkpoint is intact
     4  a NaN/Inf loss or gradient without --skip-nan-steps (NonFiniteStepError); nothing
        was saved after the last good checkpoint
+  130  interrupted by Ctrl-C (SIGINT) without --exit-signal-handler: nothing saved after
+       the last good checkpoint (with it, Ctrl-C saves and the code is 0)
 
 A scheduler can requeue on 0, and should not on 2 or 4 without a change to the job.
 """
@@ -21,3 +23,4 @@ class ExitCode(IntEnum):
     CONFIG = 2
     CHECKPOINT = 3
     NON_FINITE = 4
+    INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a Ctrl-C

@@ -55,11 +55,16 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
         try:
-            fh = sys.stdin if args.prompt_file == "-" else open(args.prompt_file)
+            fh = sys.stdin if args.prompt_file == "-" else open(args.prompt_file,
+                                                                 encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
-        with fh:
-            prompts += [line.rstrip("\n") for line in fh if line.strip()]
+        try:
+            with fh:
+                prompts += [line.rstrip("\n") for line in fh if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text (a binary "
+                             "file?); give one prompt per line") from None
     if not prompts:
         raise UsageError("no prompt: give --prompt TEXT or --prompt-file FILE ('-' for stdin)")
     return prompts
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--load {args.load}: no such directory")
     from mtp_megatron.checkpoint import CheckpointError
     from mtp_megatron.config import ConfigError, build_config
+    from mtp_megatron.data.tokenizers import decode
     from mtp_megatron.inference.loading import (
         build_tokenizer,
         load_for_generation,
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
                 max_new_tokens=args.max_new_tokens, draft_depth=depth,
                 eod=None if args.ignore_eod else tokenizer.eod,
                 baseline=depth > 0 and not args.no_baseline,
-                detokenize=tokenizer.detokenize,
+                detokenize=lambda ids: decode(tokenizer, ids),  # whitespace kept
             )
     except (CheckpointError, ConfigError) as err:
         raise UsageError(str(err)) from None

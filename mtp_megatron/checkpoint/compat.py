@@ -3,14 +3,17 @@
     check_compatible("ck/iter_0000100", cfg, checkpoint=cfg.checkpoint,
                      vocab_size=258, padded_vocab_size=384, common=common_state)
 
-Shapes (layers, sizes, vocabulary and its padding, learned position table) must match:
-the weights would not fit. Precision (--bf16/--fp16) and --use-distributed-optimizer
-decide the optimizer state's format: they may change only when the optimizer state is
-not loaded (--no-load-optim keeps the iteration, --finetune restarts at 0). Every error
-is a :class:`CheckpointError` naming the checkpoint, the field, both values and the way
-out. The MTP objective's weighting (factor, its schedule, the depth weights) may change:
-a warning names each changed flag with both values. The checkpoint side is its
-run_config.yaml plus its common state (vocabulary sizes, layout), so this is pure Python.
+Shapes (layers, sizes, vocabulary, learned position table) must match: the weights would
+not fit. The padded vocabulary is the checkpoint's whenever this run's TP splits it (the
+model is built so, ``checkpoint/vocab.py``), so --make-vocab-size-divisible-by may differ;
+rows added because TP cannot split the checkpoint's are masked. Precision (--bf16/--fp16)
+and --use-distributed-optimizer decide the optimizer state's format: they may change only
+when the optimizer state is not loaded (--no-load-optim keeps the iteration, --finetune
+restarts at 0). Every error is a :class:`CheckpointError` naming the checkpoint, the
+field, both values and the way out. The MTP objective's weighting (factor, its schedule,
+the depth weights) may change: a warning names each changed flag with both values. The
+checkpoint side is its run_config.yaml plus its common state (vocabulary sizes, layout),
+so this is pure Python.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "swiglu", "disable_bias_linear", "normalization",
               "untie_embeddings_and_output_weights", "position_embedding_type",
-              "make_vocab_size_divisible_by"),
+              "make_vocab_size_divisible_by"),  # compared only without a saved row count
     "mtp": ("mtp_num_layers",),
 }
 # Settings that decide the optimizer's state format: they may change on resume only
@@ -66,15 +69,21 @@ def _precision(training: Dict[str, Any]) -> str:
     return "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
 
 
-def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any]) -> None:
+def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
+                  rows_known: bool = False) -> None:
+    """``rows_known``: the checkpoint records its padded vocabulary, which the model was
+    built with, so the padding flag need not match."""
     for section, keys in SHAPE_KEYS.items():
         for key in keys:
+            if rows_known and key == "make_vocab_size_divisible_by":
+                continue
             theirs = _effective(section, key, saved.get(section, {}))
             mine = _effective(section, key, ours[section])
             if theirs != mine:
                 raise CheckpointError(
                     f"{directory} was saved with {section}.{key}={theirs!r} but this run has "
                     f"{_flag(key)}={mine!r}; use the same value (the weights have other shapes)"
+                    + (_new_depth_hint(directory, mine) if key == "mtp_num_layers" else "")
                 )
     model, saved_model = ours["model"], saved.get("model", {})
     if model["position_embedding_type"] == "learned_absolute":
@@ -90,8 +99,18 @@ def _check_shapes(directory: str, saved: Dict[str, Any], ours: Dict[str, Any]) -
             )
 
 
+def _new_depth_hint(directory: str, depth: Optional[int]) -> str:
+    """How to give a trained model another MTP depth: through the Hugging Face format,
+    whose import adds fresh MTP modules (or keeps the exported ones)."""
+    return (f". To continue it with {depth or 0} MTP layers, convert it: python -m "
+            f"mtp_megatron.hf export --load {directory} --out HF_DIR, then python -m "
+            f"mtp_megatron.hf import --hf HF_DIR --save NEW_DIR --mtp-num-layers {depth or 0}, "
+            "and train with --load NEW_DIR --finetune (Llama- or GPT-NeoX-shaped models; "
+            "docs/hf.md)")
+
+
 def _check_vocab(directory: str, common: Dict[str, Any], vocab_size: Optional[int],
-                 padded: Optional[int], tp: int) -> None:
+                 padded: Optional[int], live: Optional[int]) -> None:
     saved = common.get("vocab") or {}
     if saved.get("vocab_size") and vocab_size and saved["vocab_size"] != vocab_size:
         raise CheckpointError(
@@ -99,12 +118,15 @@ def _check_vocab(directory: str, common: Dict[str, Any], vocab_size: Optional[in
             f"this run has {vocab_size} (--vocab-size or the tokenizer); use the same "
             "tokenizer/--vocab-size (the embedding and output layer have other shapes)"
         )
-    if saved.get("padded_vocab_size") and padded and saved["padded_vocab_size"] != padded:
-        message = (f"{directory} has {saved['padded_vocab_size']} embedding rows (vocabulary "
-                   f"padded for --make-vocab-size-divisible-by x TP), this run {padded}")
-        if (common.get("layout") or {}).get("tp") == tp:
-            raise CheckpointError(message + "; use the same --vocab-size and tokenizer")
-        logger.warning("%s: the rows of padding that differ start fresh", message)
+    rows = saved.get("padded_vocab_size")
+    if not rows or not padded or rows == padded:
+        return
+    if padded > rows and live is not None and live <= (saved.get("live_rows") or rows):
+        return  # rows added for a TP that cannot split the checkpoint's: masked
+    raise CheckpointError(
+        f"{directory} has {rows} embedding rows (the vocabulary padded when it was trained) "
+        f"but this model has {padded}: build it with the checkpoint's rows "
+        "(mtp_megatron.checkpoint.vocab.vocab_rows)")
 
 
 def _check_format(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
@@ -169,13 +191,15 @@ def _announce_objective_changes(directory: str, saved: Dict[str, Any],
 def check_compatible(directory: str, cfg: RunConfig, *,
                      checkpoint: Optional[CheckpointConfig] = None,
                      vocab_size: Optional[int] = None, padded_vocab_size: Optional[int] = None,
+                     live_rows: Optional[int] = None,
                      common: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Compare the checkpoint with this run; raise CheckpointError naming the field.
 
     Shapes (layers, sizes, vocabulary, learned positions) must match. Precision and the
     distributed optimizer must match unless ``checkpoint`` says the optimizer is not
     loaded (--no-load-optim, --finetune). ``common`` is the checkpoint's common state
-    (vocabulary sizes, layout); returns the saved config dict.
+    (vocabulary sizes, layout); ``padded_vocab_size``/``live_rows`` the model's rows and
+    where its masked rows start. Returns the saved config dict.
     """
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -183,10 +207,46 @@ def check_compatible(directory: str, cfg: RunConfig, *,
     with open(path) as fh:
         saved = yaml.safe_load(fh)
     ours = to_dict(cfg)
-    _check_shapes(directory, saved, ours)
+    rows_known = bool(((common or {}).get("vocab") or {}).get("padded_vocab_size"))
+    _check_shapes(directory, saved, ours, rows_known=rows_known)
     if common is not None:
-        _check_vocab(directory, common, vocab_size, padded_vocab_size,
-                     cfg.parallel.tensor_model_parallel_size)
+        _check_vocab(directory, common, vocab_size, padded_vocab_size, live_rows)
     _check_format(directory, saved, ours, checkpoint)
     _announce_objective_changes(directory, saved, ours)
     return saved
+
+
+# --- the LR schedule (Megatron-LM's --override-opt-param-scheduler and
+# --use-checkpoint-opt-param-scheduler) ---------------------------------------------------
+
+OVERRIDE_FLAG = "--override-opt-param-scheduler"
+KEEP_FLAG = "--use-checkpoint-opt-param-scheduler"
+# megatron-core's scheduler fields in a checkpoint, and the flags that set them here
+# (wd_incr_steps is --train-iters, but our weight decay is constant: it changes nothing).
+SCHEDULE_FIELDS = (
+    ("max_lr", "--lr"), ("min_lr", "--min-lr"), ("lr_warmup_steps", "--lr-warmup-iters"),
+    ("lr_decay_steps", "--lr-decay-iters (default: --train-iters)"),
+    ("lr_decay_style", "--lr-decay-style"), ("start_wd", "--weight-decay"),
+)
+
+
+def schedule_changes(scheduler: Any, saved: Dict[str, Any]) -> List[str]:
+    """``"--lr 0.002 -> 0.01"`` (checkpoint -> this run) for each schedule flag that differs;
+    ``scheduler`` is this run's (megatron-core's OptimizerParamScheduler)."""
+    return [f"{flag} {saved[key]} -> {getattr(scheduler, key)}"
+            for key, flag in SCHEDULE_FIELDS
+            if key in saved and saved[key] != getattr(scheduler, key)]
+
+
+def check_schedule(directory: str, scheduler: Any, saved: Dict[str, Any],
+                   checkpoint: CheckpointConfig) -> List[str]:
+    """Megatron-LM's rule: a checkpoint whose LR schedule differs from this run's flags is
+    refused unless one of the two flags says which wins. Returns the differences."""
+    changes = schedule_changes(scheduler, saved)
+    if changes and not (checkpoint.override_opt_param_scheduler
+                        or checkpoint.use_checkpoint_opt_param_scheduler):
+        raise CheckpointError(
+            f"{directory} was saved with another LR schedule ({'; '.join(changes)}; "
+            f"checkpoint -> this run): pass {OVERRIDE_FLAG} to continue with this run's "
+            f"values, or {KEEP_FLAG} to keep the checkpoint's (this run's then have no effect)")
+    return changes

@@ -69,7 +69,7 @@ from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, Distribut
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_megatron.checkpoint.commit import SaveGuard
-from mtp_megatron.checkpoint.compat import check_compatible
+from mtp_megatron.checkpoint.compat import check_compatible, check_schedule
 from mtp_megatron.checkpoint.distopt_ranges import distributed_optimizers, padded_world_tensors
 from mtp_megatron.checkpoint.layout import (
     CONFIG_NAME,
@@ -79,7 +79,7 @@ from mtp_megatron.checkpoint.layout import (
 )
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 from mtp_megatron.runtime import comm, cpu_bridge, mcore_compat
-from mtp_megatron.training.optim import sub_optimizers
+from mtp_megatron.training.optim import align_saved_groups, restore_schedule, sub_optimizers
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -110,6 +110,8 @@ class TrainState:
     # The vocabulary before padding (--vocab-size or the tokenizer's); saved so a resume
     # with another vocabulary is refused instead of loading silently.
     vocab_size: Optional[int] = None
+    # Rows from here on have masked logits (checkpoint/vocab.py); None: every row scores.
+    live_rows: Optional[int] = None
 
 
 def _content_metadata(use_distributed_optimizer: bool) -> Dict[str, Any]:
@@ -185,6 +187,7 @@ def _load_optimizer(optimizer, state_dict) -> None:
     ``step``), set the step tensors aside while the parameter state is copied in with
     megatron-core's own loader for the format, then give each parameter its own copy.
     """
+    align_saved_groups(optimizer, state_dict)  # this run's --lr/--min-lr, see optim.py
     if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer) \
             or not mcore_compat.needs("torch_adam_step"):
         optimizer.load_state_dict(state_dict)
@@ -305,10 +308,17 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
         "opt_param_scheduler": state.scheduler.state_dict(),
         "checkpoint_version": CHECKPOINT_VERSION,
         "layout": _layout(state.cfg),
-        "vocab": {"vocab_size": state.vocab_size,
-                  "padded_vocab_size": _gpt(state.model[0]).vocab_size},
+        "vocab": _vocab_record(state.model, state.vocab_size, state.live_rows),
     }
     return sharded
+
+
+def _vocab_record(model: List[torch.nn.Module], vocab_size: Optional[int],
+                  live_rows: Optional[int]) -> Dict[str, Any]:
+    """The vocabulary sizes a resume keeps (``checkpoint/vocab.py``)."""
+    padded = _gpt(model[0]).vocab_size
+    return {"vocab_size": vocab_size, "padded_vocab_size": padded,
+            "live_rows": live_rows or padded}
 
 
 def save_checkpoint(state: TrainState, save_dir: str) -> str:
@@ -323,8 +333,9 @@ def save_checkpoint(state: TrainState, save_dir: str) -> str:
 
 
 def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: str,
-                       iteration: int = 0) -> str:
-    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. an imported model.
+                       iteration: int = 0, extra: Optional[Dict[str, Any]] = None) -> str:
+    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. an imported model;
+    ``extra`` goes into its common state (the importer's Hugging Face token ids).
 
     Training starts from it with ``--load DIR --finetune`` in any layout.
     """
@@ -334,7 +345,8 @@ def save_model_weights(model: List[torch.nn.Module], cfg: RunConfig, save_dir: s
     sharded = dict(_model_state(model, _metadata(content)))
     sharded["common"] = {"iteration": iteration, "consumed_samples": 0,
                          "checkpoint_version": CHECKPOINT_VERSION, "layout": _layout(cfg),
-                         "weights_only": True}
+                         "weights_only": True, "vocab": _vocab_record(model, None, None),
+                         **(extra or {})}
     return _write(guard, sharded, cfg, {"content_metadata": content,
                                         "preprocess_common_before_consistancy_check":
                                             _rank_independent})
@@ -367,6 +379,16 @@ def _describe(error: Optional[BaseException]) -> str:
 def _agree(ok: bool) -> bool:
     """True on every rank only if ``ok`` on every rank (so no rank hangs alone)."""
     return comm.all_ranks(ok)
+
+
+def common_state(directory: str) -> Dict[str, Any]:
+    """A checkpoint's ``common`` record (iteration, vocabulary, layout, ...); {} when it
+    cannot be read (a load reports that, naming the cause)."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory).get("common")
+    except LOAD_ERRORS:
+        return {}
+    return common if isinstance(common, dict) else {}
 
 
 def _read_common(directory: str) -> Dict[str, Any]:
@@ -411,12 +433,17 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     common_all = _read_common(directory)
     check_compatible(directory, state.cfg, checkpoint=checkpoint, vocab_size=state.vocab_size,
                      padded_vocab_size=_gpt(state.model[0]).vocab_size,
-                     common=common_all.get("common", {}))
+                     live_rows=state.live_rows, common=common_all.get("common", {}))
     if not checkpoint.finetune and common_all.get("common", {}).get("weights_only"):
         raise CheckpointError(
             f"{directory} holds model weights only (no optimizer, iteration or RNG state; "
             "e.g. imported from Hugging Face): start from it with --finetune"
         )
+    saved_schedule = common_all.get("common", {}).get("opt_param_scheduler")
+    schedule_changes = []
+    if saved_schedule and not checkpoint.finetune:  # refused before any weight is read
+        schedule_changes = check_schedule(directory, state.scheduler, saved_schedule,
+                                          checkpoint)
     start = time.perf_counter()
     load_optim = not (checkpoint.no_load_optim or checkpoint.finetune)
     md = _metadata(_load_content(directory, common_all, state, load_optim))
@@ -447,11 +474,18 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(state.model))], strict=True)
     if load_optim:
         _load_optimizer(state.optimizer, loaded["optimizer"])
-        state.scheduler.load_state_dict(common["opt_param_scheduler"])
     elif state.cfg.training.bf16 or state.cfg.training.fp16:
         # The fp32 main weights were initialised from the model before the load; rebuild
         # them from the loaded weights, or the first step would write the old ones back.
         state.optimizer.reload_model_params()
+    if saved_schedule and not checkpoint.finetune:  # --no-load-optim too: the step goes on
+        restore_schedule(state.scheduler, state.optimizer, saved_schedule,
+                         override=checkpoint.override_opt_param_scheduler)
+        if schedule_changes and dist.get_rank() == dist.get_world_size() - 1:
+            logger.warning("LR schedule on resume from %s: %s (%s)", directory,
+                           "this run's flags" if checkpoint.override_opt_param_scheduler
+                           else "the checkpoint's; this run's flags have no effect",
+                           "; ".join(schedule_changes))
     same_layout = common.get("layout") == _layout(state.cfg)
     if not (checkpoint.no_load_rng or checkpoint.finetune):
         if same_layout:

@@ -38,6 +38,16 @@ class CheckpointConfig:
         False, "Load the model but not the optimizer and LR scheduler states.", type=bool
     )
     no_load_rng: bool = option(False, "Do not restore the RNG states.", type=bool)
+    override_opt_param_scheduler: bool = option(
+        False, "On resume, take the LR schedule's values (--lr, --min-lr, warmup, decay, "
+        "weight decay) from this run's flags, not the checkpoint's (the step count is the "
+        "checkpoint's). Without it or --use-checkpoint-opt-param-scheduler a schedule that "
+        "differs from the checkpoint's is refused.", type=bool,
+    )
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "On resume, keep the checkpoint's LR schedule values; this run's --lr, "
+        "--min-lr, warmup, decay and weight decay flags then have no effect.", type=bool,
+    )
     finetune: bool = option(
         False, "Load only the model; start at iteration 0 with a fresh optimizer.", type=bool
     )
@@ -67,6 +77,14 @@ class CheckpointConfig:
         check_int("--exit-interval", self.exit_interval, 1, allow_none=True)
         check_int("--ckpt-keep-last", self.ckpt_keep_last, 1, allow_none=True)
         check_float("--exit-duration-in-mins", self.exit_duration_in_mins, 0.0, allow_none=True)
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--use-checkpoint-opt-param-scheduler", True,
+                              "not together with --override-opt-param-scheduler",
+                              "choose which LR schedule wins on resume")
+        if self.finetune and (self.override_opt_param_scheduler
+                              or self.use_checkpoint_opt_param_scheduler):
+            logger.warning("--override-opt-param-scheduler/--use-checkpoint-opt-param-"
+                           "scheduler have no effect with --finetune (a fresh schedule)")
         if self.save_interval and not self.save:
             raise ConfigError("--save-interval", self.save_interval,
                               "only together with --save DIR")

@@ -163,13 +163,18 @@ def _check_plan_options(options: RunOptions) -> None:
 def read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
     """Read a YAML file into ``{section: {key: value}}``; unknown sections or keys are
     errors."""
+    if os.path.isdir(path):
+        raise ConfigError("--config", path, "a YAML file", "it is a directory")
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "an existing YAML file", "file not found")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = _yaml_load_unique(fh, path) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("--config", path, "valid YAML", str(exc).splitlines()[0]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", path, "a UTF-8 text file",
+                          f"byte {exc.start} is not UTF-8 (a binary file?)") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", path, "a mapping of sections (model:, mtp:, ...)")
     return _sectioned(data, path)
@@ -301,6 +306,11 @@ def load_config(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, st
     world = env.get(name)
     if world is not None and not world.isdigit():
         raise ConfigError(name, world, "the launcher's integer world size")
+    given = cli_values.get("world_size")
+    if world and given is not None and given != int(world) and not options.dry_run:
+        # before the sections' checks, which would judge the batch for the wrong DP size
+        raise ConfigError("--world-size", given, f"the launcher's world size {world} "
+                          f"({name}), or leave it out", "--world-size is for --dry-run plans")
     cfg = build_config(yaml_values, cli_values, int(world) if world else None)
     return cfg, options
 

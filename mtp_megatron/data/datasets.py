@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -125,6 +126,7 @@ def _check_dataset(prefix: str, *, data: DataConfig, vocab: int, seq_length: int
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError("--data-path", prefix, "prefixes of readable <prefix>.bin and "
                               "<prefix>.idx files", f"{path} is missing or unreadable")
+    _check_index_file(prefix + ".idx")
     try:
         index = IndexedDataset(prefix, mmap=True)
     except Exception as err:  # a corrupt index raises anything from struct to numpy
@@ -139,6 +141,33 @@ def _check_dataset(prefix: str, *, data: DataConfig, vocab: int, seq_length: int
     _check_meta(prefix, data=data, vocab=vocab)
     _check_splits(prefix, lengths, used=used, seq_length=seq_length, split=data.split)
     return len(lengths), int(lengths.sum())
+
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header, format version 1
+INDEX_HEADER = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8
+
+
+def _check_index_file(path: str) -> None:
+    """The ``.idx`` header and size, read before megatron-core opens it: its
+    ``IndexedDataset`` half-built from a truncated or foreign file also prints
+    "Exception ignored in IndexedDataset.__del__" after our one-line error."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        header = fh.read(INDEX_HEADER)
+    why = None
+    if len(header) < INDEX_HEADER:
+        why = f"{path} has {size} bytes, less than the {INDEX_HEADER}-byte header (truncated?)"
+    elif header[:9] != INDEX_MAGIC or struct.unpack("<Q", header[9:17])[0] != 1:
+        why = f"{path} does not start with megatron-core's index header (MMIDIDX, version 1)"
+    else:
+        sequences, documents = struct.unpack("<QQ", header[18:34])
+        expected = INDEX_HEADER + 12 * sequences + 8 * documents
+        if size not in (expected, expected + sequences):  # + modes: a multimodal index
+            why = (f"{path} has {size} bytes, its header describes {expected} "
+                   f"({sequences} sequences, {documents} documents; truncated?)")
+    if why:
+        raise ConfigError("--data-path", path[:-len(".idx")], "a Megatron indexed dataset",
+                          why)
 
 
 def _check_meta(prefix: str, *, data: DataConfig, vocab: int) -> None:

@@ -179,10 +179,12 @@ def preprocess(
     files: Optional[List[str]] = None, report_skips: bool = True,
 ) -> Summary:
     """Tokenize ``inputs`` (or the explicit ``files``, in that order) into ``output_prefix``."""
+    _check_output_prefix(output_prefix)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod
     file_list = list(files) if files is not None else list(iter_files(inputs, pattern))
+    file_list = _without_own_outputs(file_list, output_prefix)
     created = _make_dirs(os.path.dirname(os.path.abspath(output_prefix)))
     tmp = f"{output_prefix}.tmp{os.getpid()}"
     summary = Summary(output_prefix=output_prefix)
@@ -245,6 +247,34 @@ def preprocess(
         os.replace(tmp + suffix, output_prefix + suffix)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+OUTPUT_SUFFIXES = (".bin", ".idx", ".meta.json")
+
+
+def _check_output_prefix(output_prefix: str) -> None:
+    """A file prefix (``data/corpus``), not a directory: ``data/`` would write ``.bin``."""
+    if output_prefix.endswith(("/", os.sep)) or os.path.isdir(output_prefix) \
+            or not os.path.basename(output_prefix):
+        raise ConfigError("--output-prefix", output_prefix,
+                          "a file prefix such as data/corpus (writes data/corpus.bin, .idx "
+                          "and .meta.json)", "it names a directory")
+
+
+def _without_own_outputs(file_list: List[str], output_prefix: str) -> List[str]:
+    """The inputs minus this run's own outputs (an earlier run's ``<prefix>.bin/.idx/
+    .meta.json``, or temporaries, when the output is inside an input directory)."""
+    own = {os.path.realpath(output_prefix + suffix) for suffix in OUTPUT_SUFFIXES}
+    tmp = os.path.realpath(output_prefix) + ".tmp"
+    kept = []
+    for path in file_list:
+        real = os.path.realpath(path)
+        if real in own or real.startswith(tmp):
+            logger.warning("leaving out %s: an output of --output-prefix %s", path,
+                           output_prefix)
+            continue
+        kept.append(path)
+    return kept
 
 
 def _make_dirs(path: str) -> List[str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizer
@@ -77,6 +77,16 @@ def mock_tokenizer(vocab_size: int = MOCK_VOCAB_SIZE):
 def token_dtype(vocab_size: int):
     """The ``.bin`` element type, Megatron's choice: uint16 below 65,500 ids, else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def decode(tokenizer, ids: List[int]) -> str:
+    """The text of ``ids``, whitespace and all. megatron-core's byte-level ``detokenize``
+    strips trailing whitespace (64 generated spaces come back as "") and drops bytes that
+    are not UTF-8; here the bytes are decoded as they are (an incomplete character shows
+    as U+FFFD) and the specials (EOD, padding) left out."""
+    if getattr(tokenizer, "library", None) == "byte-level":
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    return tokenizer.detokenize(ids)
 
 
 def encode(tokenizer, text: str) -> np.ndarray:

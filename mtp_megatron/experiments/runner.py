@@ -3,7 +3,8 @@
 A run is finished when its directory holds ``DONE.json`` (written after torchrun exited 0
 and ``metrics.jsonl`` has the final validation row) with the same launcher command; a
 finished run is never trained again. An unfinished or changed run is wiped and
-retrained from scratch (``metrics.jsonl`` is appended to, so leftovers would mix in).
+retrained from scratch (nothing of the old run is kept; the trainer itself would only move
+an old ``metrics.jsonl`` aside).
 
     done = ensure_trained(run, spec)   # {"command": [...], "wall_seconds": ...}
 """

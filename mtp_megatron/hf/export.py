@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ from mtp_megatron.hf import files
 from mtp_megatron.hf.architectures import LLAMA, Architecture, for_model
 from mtp_megatron.hf.config_map import hf_config_kwargs, legacy_config_keys
 from mtp_megatron.hf.convert import Shape, to_hf
-from mtp_megatron.hf.deps import require
+from mtp_megatron.hf.deps import HFError, require
 from mtp_megatron.runtime import mcore_compat
 
 logger = logging.getLogger("mtp_megatron")
@@ -76,10 +76,33 @@ def write_config(out: str, arch: Architecture, cfg: RunConfig, *, vocab_size: in
     transformers.GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(out)
 
 
-def _special_ids(cfg: RunConfig, tokenizer):
+def _special_ids(cfg: RunConfig, tokenizer, imported: Optional[Dict[str, Any]] = None):
+    """(eos, bos): an imported, untrained checkpoint's own (its common state keeps the
+    Hugging Face config's), else the run's tokenizer's."""
+    if imported and imported.get("eos_token_id") is not None:
+        return imported["eos_token_id"], imported.get("bos_token_id")
     eos = tokenizer.eod
     bos = getattr(tokenizer, "bos", None) if cfg.data.tokenizer_type != "byte-level" else None
     return eos, bos if isinstance(bos, int) and bos >= 0 else None
+
+
+def _tokenizer_dir(saved: Dict[str, Any]) -> Optional[str]:
+    """The directory of the run's tokenizer files (None: byte-level or mock data)."""
+    data = saved.get("data") or {}
+    model = data.get("tokenizer_model")
+    if data.get("mock_data") or not model or data.get("tokenizer_type") == "byte-level":
+        return None
+    return model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
+
+
+def _check_out(out: str, saved: Dict[str, Any]) -> None:
+    """``--out`` must not be the tokenizer's directory (e.g. the model imported from it):
+    the export would overwrite its weights, then fail copying the tokenizer onto itself."""
+    tokenizer_dir = _tokenizer_dir(saved)
+    if tokenizer_dir and os.path.realpath(out) == os.path.realpath(tokenizer_dir):
+        raise HFError(f"--out {out} is the directory of the run's tokenizer (--tokenizer-model "
+                      f"{saved['data']['tokenizer_model']}): the export would overwrite the "
+                      "model files there; export into another directory")
 
 
 def _one_layer_per_depth(state: Dict[str, Any], cfg: RunConfig) -> Dict[str, Any]:
@@ -99,6 +122,7 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     """Write ``out`` (created if needed) from the checkpoint at ``load``."""
     require("transformers")
     require("safetensors")
+    from mtp_megatron.checkpoint.dist_ckpt import common_state
     from mtp_megatron.inference.loading import (
         load_for_generation,
         read_saved_config,
@@ -106,8 +130,9 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
         text_vocab_size,
     )
 
-    _, saved = read_saved_config(load)
+    directory, saved = read_saved_config(load)
     arch = for_model(build_config(saved).model)  # fail before loading weights
+    _check_out(out, saved)
     with single_rank() as device:
         model, cfg, tokenizer = load_for_generation(load, device)
         state = {k: v.cpu() if isinstance(v, torch.Tensor) else v
@@ -122,7 +147,7 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     mtp_file = files.write_mtp(mtp, out, num_layers=cfg.model.num_layers,
                                depth=cfg.mtp.mtp_num_layers or 0)
     written += [mtp_file] if mtp_file else []
-    eos, bos = _special_ids(cfg, tokenizer)
+    eos, bos = _special_ids(cfg, tokenizer, common_state(directory).get("hf_special_tokens"))
     dtype = state["embedding.word_embeddings.weight"].dtype
     write_config(out, arch, cfg, vocab_size=vocab, eos_id=eos, bos_id=bos, dtype=dtype)
     written += ["config.json", "generation_config.json"]

@@ -17,10 +17,11 @@ transformer layer starts as a copy of the last decoder layer (norms of ones and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import yaml
@@ -37,6 +38,7 @@ logger = logging.getLogger("mtp_megatron")
 
 MTP_INITS = ("random", "last-layer")
 RUN_CONFIG = "model.yaml"
+HF_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
 
 
 @dataclass
@@ -114,12 +116,58 @@ def train_flags(config_path: str, save: str, depth: Optional[int]) -> List[str]:
     return flags + (["--mtp-num-layers", str(depth)] if depth else [])
 
 
+def _refuse_training_checkpoints(save: str) -> None:
+    """``--save`` may hold an earlier import (iteration 0, weights only), never a training
+    run's checkpoints: the import would rewrite its latest_checkpointed_iteration.txt."""
+    from mtp_megatron.checkpoint import read_tracker
+    from mtp_megatron.checkpoint.dist_ckpt import common_state
+    from mtp_megatron.checkpoint.layout import iteration_dir
+
+    latest = read_tracker(save)
+    if latest is None:
+        return
+    if latest == 0 and common_state(iteration_dir(save, 0)).get("weights_only"):
+        return  # an earlier import: replaced
+    raise HFError(f"--save {save} holds a training run's checkpoints (latest iteration "
+                  f"{latest}); importing there would replace its latest_checkpointed_"
+                  "iteration.txt: import into a new directory")
+
+
+@contextlib.contextmanager
+def _claimed(save: str) -> Iterator[None]:
+    """Hold ``save``'s lock (as a training run does) while the import writes there."""
+    from mtp_megatron.checkpoint.lock import SaveLock
+
+    created = not os.path.exists(save)
+    lock = SaveLock.acquire(save)  # CheckpointError if a run is writing there
+    try:
+        _refuse_training_checkpoints(save)
+        yield
+    except BaseException:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(save)  # only if the failed import left it empty
+        raise
+    lock.release()
+
+
 def import_hf(hf_dir: str, save: str, *, mtp_num_layers: Optional[int] = 1,
               mtp_init: str = "random", seed: int = 1234,
               make_vocab_size_divisible_by: int = 128) -> ImportResult:
-    """Write a weights-only checkpoint of ``hf_dir`` under ``save`` (+ ``save/model.yaml``)."""
+    """Write a weights-only checkpoint of ``hf_dir`` under ``save`` (+ ``save/model.yaml``).
+
+    ``save`` must not be a training run's directory: a run writing there (its
+    ``.save.lock``) or its checkpoints are refused."""
     if mtp_init not in MTP_INITS:
         raise HFError(f"--mtp-init={mtp_init!r}; allowed: {', '.join(MTP_INITS)}")
+    with _claimed(save):
+        return _import(hf_dir, save, mtp_num_layers=mtp_num_layers, mtp_init=mtp_init,
+                       seed=seed, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+
+def _import(hf_dir: str, save: str, *, mtp_num_layers: Optional[int], mtp_init: str,
+            seed: int, make_vocab_size_divisible_by: int) -> ImportResult:
     require("safetensors")
     from mtp_megatron.checkpoint import save_model_weights
     from mtp_megatron.inference.loading import build_for_generation, single_rank
@@ -143,7 +191,9 @@ def import_hf(hf_dir: str, save: str, *, mtp_num_layers: Optional[int] = 1,
         torch.manual_seed(seed)
         model = build_for_generation(cfg, shape.padded_vocab, device)
         _load_into(model, mcore_compat.mtp_layer_state_keys_for_model(state), fresh, hf_dir)
-        save_model_weights([model], cfg, save)
+        # the model's own token ids: an export writes them back (byte-level data has others)
+        special = {key: getattr(hf_config, key, None) for key in HF_SPECIAL_TOKENS}
+        save_model_weights([model], cfg, save, extra={"hf_special_tokens": special})
     config_path = os.path.join(save, RUN_CONFIG)
     sections = to_dict(cfg)
     with open(config_path, "w") as fh:

@@ -5,7 +5,8 @@
 
 A checkpoint saved with any TP/PP/VPP layout is rebuilt as one TP = PP = 1 chunk and
 resharded on load by :func:`mtp_megatron.checkpoint.load_model_weights`. The padded
-vocabulary is the saved run's (it depends on the saved TP size).
+vocabulary is the checkpoint's (its common state records it; older checkpoints: the saved
+run's --make-vocab-size-divisible-by x TP).
 """
 
 from __future__ import annotations
@@ -108,12 +109,14 @@ def read_saved_config(path: str) -> Tuple[str, Dict[str, Dict[str, Any]]]:
 def load_for_generation(path: str, device: torch.device):
     """(model, run config, tokenizer) from a checkpoint saved by training."""
     from mtp_megatron.checkpoint import load_model_weights
+    from mtp_megatron.checkpoint.vocab import saved_vocab
 
     directory, saved = read_saved_config(path)
     saved_cfg = build_config(saved)
     cfg = single_rank_config(saved)
     tokenizer = build_tokenizer(cfg)
-    padded = vocab_size_for(saved_cfg, text_vocab_size(cfg, tokenizer))
+    padded = ((saved_vocab(directory) or {}).get("padded_vocab_size")
+              or vocab_size_for(saved_cfg, text_vocab_size(cfg, tokenizer)))
     model = build_for_generation(cfg, padded, device)
     load_model_weights(directory, [model])
     return model, cfg, tokenizer

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -188,12 +188,17 @@ class _HeadCapture:
 
 
 class Evaluator:
-    """Runs ``--eval-iters`` global batches forward-only and reports the metrics."""
+    """Runs ``--eval-iters`` global batches forward-only and reports the metrics.
+
+    ``stop_check`` (every rank calls it, before each batch) returns a reason to stop, e.g.
+    a signal agreed over the ranks: the evaluation is then abandoned, no metrics are
+    reported, and :attr:`stopped` holds the reason (the trainer saves and leaves)."""
 
     def __init__(self, model: List[torch.nn.Module], dataset, *, micro_batch_size: int,
                  global_batch_size: int, seq_length: int, mtp_depth: int,
                  is_logging_rank: bool, writer: Optional[MetricsWriter] = None,
-                 tokens_per_step: int = 0):
+                 tokens_per_step: int = 0,
+                 stop_check: Optional[Callable[[], Optional[str]]] = None):
         self.model, self.dataset = model, dataset
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.seq_length, self.depth = seq_length, mtp_depth
@@ -204,6 +209,8 @@ class Evaluator:
         self.on_last_stage = bool(getattr(self.last_chunk, "post_process", False))
         self.capture: Optional[_HeadCapture] = None
         self.stats: Optional[torch.Tensor] = None
+        self.stop_check = stop_check
+        self.stopped: Optional[str] = None
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -226,7 +233,7 @@ class Evaluator:
         """Evaluate; every rank calls it. Returns the metrics on last-stage ranks."""
         for chunk in self.model:
             chunk.eval()
-        self.stats = None
+        self.stats, self.stopped = None, None
         if self.on_last_stage:
             self.capture = _HeadCapture(self.last_chunk, self.depth,
                                         parallel_state.get_tensor_model_parallel_group())
@@ -236,8 +243,12 @@ class Evaluator:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
         )
+        done = 0
         try:
-            for _ in range(num_iters):
+            while done < num_iters:
+                self.stopped = self.stop_check() if self.stop_check is not None else None
+                if self.stopped:
+                    break
                 microbatches = sampler.next_step()
                 data = [iter(microbatches) for _ in self.model]
                 get_forward_backward_func()(
@@ -247,12 +258,18 @@ class Evaluator:
                     seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
                     forward_only=True,
                 )
+                done += 1
         finally:
             if self.capture is not None:
                 self.capture.remove()
                 self.capture = None
             for chunk in self.model:
                 chunk.train()
+        if self.stopped:
+            if self.is_logging_rank:
+                logger.info("validation at iteration %d stopped after %d of %d batches (%s): "
+                            "nothing reported", iteration, done, num_iters, self.stopped)
+            return None
         if not self.on_last_stage:
             return None
         total = self.stats.clone()  # every last-stage rank ran >= 1 microbatch

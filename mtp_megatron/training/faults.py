@@ -1,12 +1,15 @@
 """Leaving a run cleanly and refusing bad steps, with one small collective per step.
 
 * :class:`ExitConditions`: ``--exit-signal-handler`` (finish the iteration, save, exit
-  0), ``--exit-duration-in-mins``, ``--exit-interval``. The signal is caught from the
-  moment the launcher has parsed its flags (:func:`catch_exit_signal`, called by
-  ``cli.main``): one that arrives during start-up (imports, rendezvous, model build,
-  loading) stops the run before its first iteration instead of killing it, and after the
-  run it is ignored (:func:`ignore_exit_signal`), since a batch script may send it again
-  until the job step ends (launch/slurm/common.sh).
+  0; the ``--exit-signal`` and Ctrl-C's SIGINT), ``--exit-duration-in-mins``,
+  ``--exit-interval``. The signals are caught from the moment the launcher has parsed its
+  flags (:func:`catch_exit_signal`, called by ``cli.main``): one that arrives during
+  start-up (imports, rendezvous, model build, loading) stops the run before its first
+  iteration instead of killing it, and after the run the exit signal is ignored
+  (:func:`ignore_exit_signal`), since a batch script may send it again until the job
+  step ends (launch/slurm/common.sh). The signal and the time budget are also agreed
+  between evaluation batches (:meth:`ExitConditions.check` with no iteration), so a long
+  evaluation does not outlast the launcher's grace period.
 * :func:`checked_optimizer_step`: megatron-core's ``optimizer.step()`` split at the one
   point where the step can still be refused: after the gradient norm is known (mcore
   computes it anyway, for clipping), before any weight changes. NaN/Inf is detected from
@@ -80,41 +83,56 @@ def agree(local: torch.Tensor) -> List[float]:
     return local.tolist()
 
 
-class _ExitSignal:
-    """The one ``--exit-signal`` handler of this process and what it has seen."""
+# Ctrl-C (SIGINT, sent to the whole process group: torchrun and every worker) stops like
+# the exit signal under --exit-signal-handler, instead of a KeyboardInterrupt inside
+# megatron-core.
+ALSO_CAUGHT = ("SIGINT",)
 
-    name: Optional[str] = None  # the signal caught now, None when not installed
+
+class _ExitSignal:
+    """The one ``--exit-signal`` (+ SIGINT) handler of this process and what it has seen."""
+
+    names: Tuple[str, ...] = ()  # the signals caught now, () when not installed
     received = False
+    received_name: Optional[str] = None  # the first one that arrived
 
     @classmethod
     def on_signal(cls, signum, frame) -> None:
+        if not cls.received:
+            cls.received_name = signal.Signals(signum).name
         cls.received = True  # idempotent: a signal sent again changes nothing
 
 
 def catch_exit_signal(checkpoint: CheckpointConfig) -> None:
-    """Catch ``--exit-signal`` from now on (with ``--exit-signal-handler``; idempotent).
+    """Catch ``--exit-signal`` and SIGINT from now on (with ``--exit-signal-handler``;
+    idempotent).
 
     Called as soon as the flags are parsed, so a signal during start-up is remembered
     (the run stops before its first step) rather than killing the process."""
-    if not checkpoint.exit_signal_handler or _ExitSignal.name == checkpoint.exit_signal:
+    names = tuple(dict.fromkeys((checkpoint.exit_signal, *ALSO_CAUGHT)))
+    if not checkpoint.exit_signal_handler or _ExitSignal.names == names:
         return
-    signal.signal(getattr(signal, checkpoint.exit_signal), _ExitSignal.on_signal)
-    _ExitSignal.name, _ExitSignal.received = checkpoint.exit_signal, False
+    for name in names:
+        signal.signal(getattr(signal, name), _ExitSignal.on_signal)
+    _ExitSignal.names, _ExitSignal.received, _ExitSignal.received_name = names, False, None
 
 
 def ignore_exit_signal() -> None:
-    """Once the run is over: ignore the signal instead of restoring its default action.
+    """Once the run is over: ignore the caught signals instead of restoring their default
+    action.
 
     Python resets a handled signal to the default (terminate) while it exits, and a batch
     script sends the signal again until the step ends (a process may not have installed
     its handler the first time): one arriving then would turn a clean exit 0 into a kill."""
-    if _ExitSignal.name is not None:
-        signal.signal(getattr(signal, _ExitSignal.name), signal.SIG_IGN)
-        _ExitSignal.name = None
+    for name in _ExitSignal.names:  # a Ctrl-C forwarded again by torchrun included
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _ExitSignal.names = ()
 
 
 class ExitConditions:
     """Watches the exit signal, the wall-clock budget and the exit interval."""
+
+    ALSO_CAUGHT = ALSO_CAUGHT
 
     def __init__(self, checkpoint: CheckpointConfig):
         self.cfg = checkpoint
@@ -125,6 +143,11 @@ class ExitConditions:
     def signal_received(self) -> bool:
         return self.cfg.exit_signal_handler and _ExitSignal.received
 
+    @property
+    def signal_name(self) -> str:
+        """The first caught signal's name (``--exit-signal`` until one arrives)."""
+        return _ExitSignal.received_name or self.cfg.exit_signal
+
     def signal_before_start(self, device: torch.device) -> Optional[str]:
         """Before the first step: did any rank get the signal during start-up? Agreed by
         every rank (one all-reduce) when ``--exit-signal-handler`` is on, else None."""
@@ -133,17 +156,19 @@ class ExitConditions:
         local = torch.tensor([float(self.signal_received)], dtype=torch.float64, device=device)
         if not agree(local)[0]:
             return None
-        return f"received {self.cfg.exit_signal} during start-up"
+        return f"received {self.signal_name} during start-up"
 
-    def local(self, iteration: int) -> Tuple[List[float], List[str]]:
-        """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop."""
+    def local(self, iteration: Optional[int]) -> Tuple[List[float], List[str]]:
+        """This rank's ``[signal, minutes, stop]`` flags and its reasons to stop
+        (``iteration`` None: between evaluation batches, where --exit-interval waits)."""
         reasons = []
         if self.signal_received:
-            reasons.append(f"received {self.cfg.exit_signal}")
+            reasons.append(f"received {self.signal_name}")
         minutes = (time.time() - self.start) / 60.0
         if self.cfg.exit_duration_in_mins is not None and minutes >= self.cfg.exit_duration_in_mins:
             reasons.append(f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached")
-        if self.cfg.exit_interval and iteration % self.cfg.exit_interval == 0:
+        if self.cfg.exit_interval and iteration is not None \
+                and iteration % self.cfg.exit_interval == 0:
             reasons.append(f"--exit-interval {self.cfg.exit_interval} reached")
         return [float(self.signal_received), minutes, float(bool(reasons))], reasons
 
@@ -156,8 +181,11 @@ class ExitConditions:
             reasons = ["another rank asked to stop"]
         return "; ".join(reasons)
 
-    def check(self, iteration: int, device: torch.device = torch.device("cpu")) -> Optional[str]:
-        """Why to stop after this iteration, agreed on its own (outside a training step)."""
+    def check(self, iteration: Optional[int],
+              device: torch.device = torch.device("cpu")) -> Optional[str]:
+        """Why to stop after this iteration, agreed on its own (outside a training step);
+        with ``iteration`` None (between evaluation batches) the signal and the time
+        budget only. Every rank must call it."""
         flags, reasons = self.local(iteration)
         agreed = agree(torch.tensor([0.0] + flags, dtype=torch.float64, device=device))
         return self.decide(agreed[STOP], reasons)

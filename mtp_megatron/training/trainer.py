@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import List, Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -29,16 +29,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mtp_megatron.checkpoint import TrainState, load_checkpoint, read_tracker, save_checkpoint
 from mtp_megatron.checkpoint.layout import iteration_dir
 from mtp_megatron.checkpoint.lock import acquire_on_rank0
+from mtp_megatron.checkpoint.vocab import vocab_rows
 from mtp_megatron.config import RunConfig, save_config, to_dict
 from mtp_megatron.data.datasets import build_datasets, prepare_data
 from mtp_megatron.data.loader import build_step_loader
-from mtp_megatron.model.builder import (
-    build_model,
-    params_dtype,
-    transformer_config,
-    vocab_size_for,
-)
+from mtp_megatron.model.builder import build_model, params_dtype, transformer_config
 from mtp_megatron.model.counting import flops_per_token
+from mtp_megatron.model.padding import mask_dead_rows
 from mtp_megatron.runtime import distributed
 from mtp_megatron.training.evaluate import Evaluator
 from mtp_megatron.training.faults import (
@@ -74,10 +71,13 @@ class Trainer:
         with phase("preparing data", log=log_last_rank):  # the first run builds the corpus
             self.data_plan = prepare_data(data=cfg.data, model=cfg.model)
         tokenizer_vocab = self.data_plan.vocab_size
-        self.vocab_size = vocab_size_for(cfg, tokenizer_vocab)
+        # padded rows: a resume keeps the checkpoint's (checkpoint/vocab.py)
+        rows = vocab_rows(cfg, vocab_size=cfg.model.vocab_size or tokenizer_vocab)
+        self.vocab_size = rows.padded
         on_cpu = self.device.type == "cpu"
         self.tconfig = transformer_config(cfg, on_cpu=on_cpu)
         self.model = build_model(cfg, self.tconfig, transformer_impl, self.vocab_size, self.device)
+        mask_dead_rows(self.model, live=rows.live, padded=rows.padded)
         self.optimizer = build_optimizer(
             self.model, training=cfg.training, parallel=cfg.parallel,
             params_dtype=params_dtype(cfg),
@@ -88,12 +88,13 @@ class Trainer:
         self.mtp_weighting = MTPWeighting.for_run(cfg, chunks=self.model, tconfig=self.tconfig,
                                                   forward_step=forward_step)
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
-                                vocab_size=cfg.model.vocab_size or tokenizer_vocab)
+                                vocab_size=cfg.model.vocab_size or tokenizer_vocab,
+                                live_rows=rows.live)
         self.committed_at: Optional[int] = None  # the iteration --save already holds
         self._maybe_resume()
         self.exit = ExitConditions(cfg.checkpoint)
         self.writer = MetricsWriter.for_run(cfg.logging, enabled=distributed.is_last_rank(),
-                                            config=to_dict(cfg))
+                                            config=to_dict(cfg), start_iteration=self.iteration)
         self.async_saver = None
         if cfg.checkpoint.async_save:
             from mtp_megatron.checkpoint.async_save import AsyncSaver
@@ -167,6 +168,7 @@ class Trainer:
             mtp_depth=self.cfg.mtp.mtp_num_layers or 0, writer=self.writer,
             tokens_per_step=train.global_batch_size * self.cfg.model.seq_length,
             is_logging_rank=distributed.is_last_rank(),
+            stop_check=lambda: self.exit.check(None, self.device),  # a signal mid-evaluation
         )
 
     def evaluate(self) -> Optional[dict]:
@@ -175,6 +177,10 @@ class Trainer:
             return None
         with self.timers("eval"), self._params_gathered():
             return self.evaluator.run(self.iteration, self.cfg.data.eval_iters)
+
+    def _evaluation_stopped(self) -> Optional[str]:
+        """The stop reason that cut the last evaluation short, if any."""
+        return self.evaluator.stopped if self.evaluator is not None else None
 
     @contextlib.contextmanager
     def _params_gathered(self):
@@ -279,16 +285,20 @@ class Trainer:
         if self.async_saver is not None:
             self.async_saver.poll()
 
-    def train(self) -> List[StepMetrics]:
+    def train(self, on_step: Optional[Callable[[StepMetrics], None]] = None
+              ) -> Optional[StepMetrics]:
+        """Train to --train-iters (or an early stop); returns the last step. Steps are not
+        kept (a million-step run would hold a million): ``on_step`` sees each one (its
+        losses are filled in when its log window closes)."""
         for chunk in self.model:
             chunk.train()
-        history = []
+        step = None
         ckpt = self.cfg.checkpoint
         saved_at, evaluated_at = self.committed_at, None
         eval_interval = self.cfg.data.eval_interval
         first, stopped = True, None
         if self._stopped_during_startup():
-            return history
+            return None
         while self.iteration < self.cfg.training.train_iters:
             # the first step builds buffers and warms kernels up: show that it progresses
             with phase(f"first iteration ({self.iteration + 1})", log=log_last_rank) \
@@ -296,7 +306,8 @@ class Trainer:
                 step = self.run_step()
             first = False
             self.metrics.record(step)
-            history.append(step)
+            if on_step is not None:
+                on_step(step)
             if self.metrics.due(self.iteration) or step.stop_reason:
                 self._log_window()
             if eval_interval and self.iteration % eval_interval == 0:
@@ -305,12 +316,14 @@ class Trainer:
             if ckpt.save_interval and self.iteration % ckpt.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-            if step.stop_reason:
-                log_last_rank(f"stopping after iteration {self.iteration}: {step.stop_reason}")
-                stopped = step.stop_reason
+            stop_reason = step.stop_reason or self._evaluation_stopped()
+            if stop_reason:
+                log_last_rank(f"stopping after iteration {self.iteration}: {stop_reason}")
+                stopped = stop_reason
                 break
         if self.iteration >= self.cfg.training.train_iters and evaluated_at != self.iteration:
             self.evaluate()  # the final evaluation
+            stopped = stopped or self._evaluation_stopped()
         if ckpt.save and saved_at != self.iteration:
             self.save()
         if self.async_saver is not None:
@@ -319,7 +332,7 @@ class Trainer:
             write_stop_record(self.cfg.logging.output_dir, iteration=self.iteration,
                               reason=stopped, checkpoint=ckpt.save and iteration_dir(ckpt.save,
                                                                         self.iteration))
-        return history
+        return step
 
     def _stopped_during_startup(self) -> bool:
         """The exit signal came before the first step (a scheduler's time-limit signal can

@@ -11,6 +11,11 @@ and wandb, as Megatron-LM tags them.
     writer.write({"iteration": 10, "tokens": 20480, "lm loss": 3.3}, split="valid")
     writer.close()
 
+``metrics.jsonl`` describes one run. A run that starts at iteration 0 in an output
+directory that already has one moves the old file aside (``metrics.1.jsonl``, then
+``.2``, ...); a run resumed at iteration N drops the rows past N (the iterations a crash
+lost are redone, and would otherwise appear twice). :func:`read_rows` reads the file.
+
 Whether tensorboard and wandb are installed is checked before the run starts
 (``runtime/preflight.py``); here they are only imported.
 """
@@ -18,8 +23,11 @@ Whether tensorboard and wandb are installed is checked before the run starts
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger("mtp_megatron")
 
 Row = Dict[str, Any]
 NOT_SCALARS = ("iteration", "tokens", "split")  # axes and labels, not curves
@@ -33,11 +41,66 @@ def scalars(row: Row, split: str) -> Iterator[Tuple[str, float]]:
         yield (key if split == "train" else f"{key} validation"), float(value)
 
 
-class JsonlSink:
-    """One JSON object per line, appended to ``path`` (the input of ``mtp_megatron.plot``)."""
+def read_rows(path: str) -> List[Row]:
+    """The rows of a ``metrics.jsonl``, in file order (a torn last line, left by a run
+    killed mid-write, is skipped)."""
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
-    def __init__(self, path: str):
+
+def start_run_file(path: str, iteration: int) -> Optional[str]:
+    """Make ``path`` hold this run's rows only, before it appends: a run starting at
+    iteration 0 moves an existing file aside, a run resumed at ``iteration`` drops the rows
+    past it. Returns what was done (to log), or None."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    if iteration == 0:
+        stem, ext = os.path.splitext(path)
+        n = 1
+        while os.path.exists(f"{stem}.{n}{ext}"):
+            n += 1
+        os.replace(path, f"{stem}.{n}{ext}")
+        return (f"{path} holds an earlier run's metrics: moved to {stem}.{n}{ext}; this run "
+                "writes a new one")
+    with open(path) as fh:
+        lines = fh.readlines()
+    kept = [line for line in lines if _iteration(line) is not None
+            and _iteration(line) <= iteration]
+    if len(kept) == len(lines):
+        return None
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+    os.replace(tmp, path)
+    return (f"{path}: dropped {len(lines) - len(kept)} rows past iteration {iteration}, "
+            "where this run resumes (they are redone)")
+
+
+def _iteration(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class JsonlSink:
+    """One JSON object per line, appended to ``path`` (the input of ``mtp_megatron.plot``).
+
+    ``start_iteration``: where the run starts (0, or the resumed iteration): see
+    :func:`start_run_file`; None appends to whatever is there."""
+
+    def __init__(self, path: str, start_iteration: Optional[int] = None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if start_iteration is not None:
+            note = start_run_file(path, start_iteration)
+            if note:
+                logger.warning(note)
         self.fh = open(path, "a")
 
     def write(self, row: Row, split: str) -> None:
@@ -92,14 +155,16 @@ class MetricsWriter:
         self.sinks: List[Any] = list(sinks)
 
     @classmethod
-    def for_run(cls, logs, *, enabled: bool, config: Optional[Dict[str, Any]] = None
-                ) -> "MetricsWriter":
-        """The sinks ``logs`` (a :class:`LoggingConfig`) asks for, on the logging rank."""
+    def for_run(cls, logs, *, enabled: bool, config: Optional[Dict[str, Any]] = None,
+                start_iteration: int = 0) -> "MetricsWriter":
+        """The sinks ``logs`` (a :class:`LoggingConfig`) asks for, on the logging rank, for
+        a run that starts at ``start_iteration`` (0, or where it resumed)."""
         if not enabled:
             return cls()
         sinks: List[Any] = []
         if logs.output_dir:
-            sinks.append(JsonlSink(os.path.join(logs.output_dir, "metrics.jsonl")))
+            sinks.append(JsonlSink(os.path.join(logs.output_dir, "metrics.jsonl"),
+                                   start_iteration=start_iteration))
         if logs.tensorboard_dir:
             sinks.append(TensorboardSink(logs.tensorboard_dir))
         if logs.wandb_project:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from mtp_megatron.training.writers import read_rows
 from tests.dist_utils import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +42,7 @@ class Run:
         path = os.path.join(self.output_dir, "metrics.jsonl")
         if not os.path.exists(path):
             return []
-        rows = [json.loads(line) for line in open(path)]
-        return [r for r in rows if r.get("split") == split]
+        return [r for r in read_rows(path) if r.get("split") == split]
 
     def __repr__(self) -> str:
         return (f"rc={self.returncode}\nstdout:\n{self.stdout[-3000:]}"

@@ -90,7 +90,8 @@ class Session:
 
     def run(self, yaml_path, cli) -> Tuple[Any, list]:
         t = self.trainer(yaml_path, cli)
-        history = t.train()
+        history = []
+        t.train(on_step=history.append)
         t.metrics.close()
         return t, history
 

@@ -28,6 +28,8 @@ from tests.functional.launcher import (
 pytestmark = pytest.mark.functional
 
 MTP2 = ["--mtp-num-layers", "2", "--mock-data", "--lr-warmup-iters", "2"]
+# resumes that stop before the saved run's --train-iters keep its LR schedule
+KEEP_SCHEDULE = "--use-checkpoint-opt-param-scheduler"
 KEYS = ("lm loss", "mtp_1 loss", "mtp_2 loss", "grad norm", "lr")
 
 
@@ -88,7 +90,7 @@ def test_resume_is_bit_exact(name, straight_runs):
 def test_resharded_checkpoint_gives_the_same_loss(source, target, straight_runs, tmp_path):
     out, straight = straight_runs[source]
     nproc = 2 if "2" in target[1] else 1
-    run = launch(TINY + MTP2 + target + ["--train-iters", "11",
+    run = launch(TINY + MTP2 + target + ["--train-iters", "11", KEEP_SCHEDULE,
                                          "--load", str(out / "ck" / "iter_0000010")],
                  output_dir=str(tmp_path), nproc=nproc)
     assert run.returncode == 0, run
@@ -129,7 +131,8 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path):
     assert record == {"iteration": stopped, "reason": "received SIGTERM", "saved": True,
                       "checkpoint": os.path.join(ck, f"iter_{stopped:07d}")}
     # the resumed run finishes in the same output directory: no stale stop record
-    resumed = launch(TINY + MTP2 + ["--train-iters", str(stopped + 2), "--save", ck],
+    resumed = launch(TINY + MTP2 + ["--train-iters", str(stopped + 2), "--save", ck,
+                                    KEEP_SCHEDULE],
                      output_dir=str(tmp_path / "a"), torchrun=False)
     assert resumed.returncode == 0, resumed
     assert [r["iteration"] for r in resumed.metrics()][-2:] == [stopped + 1, stopped + 2]
@@ -154,7 +157,8 @@ def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(tmp_path)
     latest = _tracker(ck)
     assert (ck / killed_partial).exists()  # killed mid-save: the partial dir is left over
     assert f"iter_{latest:07d}" != killed_partial.removesuffix(".partial")
-    resumed = launch(TINY + MTP2 + ["--train-iters", str(latest + 1), "--save", str(ck)],
+    resumed = launch(TINY + MTP2 + ["--train-iters", str(latest + 1), "--save", str(ck),
+                                    KEEP_SCHEDULE],
                      output_dir=str(tmp_path / "b"), torchrun=False)
     assert resumed.returncode == 0, resumed
     assert "ignoring interrupted save" in resumed.stdout and killed_partial in resumed.stdout
@@ -168,7 +172,7 @@ def test_bad_checkpoint_is_a_clear_error(damage, straight_runs, tmp_path):
     ck = tmp_path / "iter_0000010"
     shutil.copytree(src, ck)
     shard = next(p for p in sorted(ck.iterdir()) if p.suffix == ".distcp")
-    args = TINY + MTP2 + ["--train-iters", "12", "--load", str(ck)]
+    args = TINY + MTP2 + ["--train-iters", "12", KEEP_SCHEDULE, "--load", str(ck)]
     if damage == "delete_shard":
         shard.unlink()
     elif damage == "truncate_shard":

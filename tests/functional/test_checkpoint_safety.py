@@ -28,6 +28,8 @@ pytestmark = pytest.mark.functional
 
 ARGS = TINY + ["--mock-data", "--lr-warmup-iters", "2"]
 FSIZE_LIMIT = 32 * 1024  # above the 4 KiB probe and common.pt, below every shard file
+# a shorter --train-iters than the run that saved (its LR schedule is kept)
+KEEP_SCHEDULE = "--use-checkpoint-opt-param-scheduler"
 
 
 def _state(save_dir, keep_last=None):
@@ -194,7 +196,7 @@ def test_one_writer_per_save_dir_and_no_orphans(tmp_path):
     latest = _tracker(ck)
     # the next run takes the dead owner's lock over; ends at a committed iteration
     resumed = launch(ARGS + ["--train-iters", str(latest + 2), "--save", ck,
-                             "--save-interval", "1", "--ckpt-keep-last", "1"],
+                             "--save-interval", "1", "--ckpt-keep-last", "1", KEEP_SCHEDULE],
                      output_dir=str(tmp_path / "c"), torchrun=False, env={"MTP_TEST_RUN": "x"})
     assert resumed.returncode == 0, resumed
     assert f"taking over the lock of a run that ended without releasing it (pid {owner.pid}" \
@@ -204,7 +206,7 @@ def test_one_writer_per_save_dir_and_no_orphans(tmp_path):
     # a finished run restarted: loads, trains nothing and must not re-save (or delete) it
     final = os.path.join(ck, f"iter_{latest + 2:07d}")
     inode = os.stat(final).st_ino
-    again = launch(ARGS + ["--train-iters", str(latest + 2), "--save", ck],
+    again = launch(ARGS + ["--train-iters", str(latest + 2), "--save", ck, KEEP_SCHEDULE],
                    output_dir=str(tmp_path / "d"), torchrun=False)
     assert again.returncode == 0, again
     assert "saved checkpoint" not in again.stdout and "taking over" not in again.stdout

@@ -66,7 +66,7 @@ def test_one_gpu_trains_evaluates_and_saves(smoke):
 def test_one_gpu_resumes_from_its_checkpoint(smoke, tmp_path):
     root, _ = smoke
     run = launch(GPU + ["--train-iters", "6", "--load", str(root / "ck" / "iter_0000002"),
-                        "--save", str(tmp_path / "ck")],
+                        "--save", str(tmp_path / "ck"), "--override-opt-param-scheduler"],
                  output_dir=str(tmp_path / "run"), nproc=1, gpu=True)
     assert run.returncode == 0, run
     assert _iterations(run) == [3, 4, 5, 6]
@@ -100,7 +100,8 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
     assert proc.wait(timeout=300) == 0, rest
     stopped = _tracker(ck)
     assert stopped >= 3 and f"stopping after iteration {stopped}: received SIGTERM" in rest
-    resumed = launch(GPU + ["--train-iters", str(stopped + 2), "--save", ck],
+    resumed = launch(GPU + ["--train-iters", str(stopped + 2), "--save", ck,
+                            "--use-checkpoint-opt-param-scheduler"],
                      output_dir=str(tmp_path / "b"), torchrun=False, gpu=True)
     assert resumed.returncode == 0, resumed
     assert _iterations(resumed) == [stopped + 1, stopped + 2]
@@ -166,7 +167,8 @@ def test_multi_gpu_layout_trains_saves_and_resumes(name, tmp_path):
     assert _iterations(run) == list(range(1, 13))
     assert rows[-1]["lm loss"] < rows[0]["lm loss"] and "mtp_2 loss" in rows[-1]
     assert run.metrics("valid"), "no evaluation logged"
-    resumed = launch(GPU + extra + ["--train-iters", "14", "--load", ck + "/iter_0000006"],
+    resumed = launch(GPU + extra + ["--train-iters", "14", "--load", ck + "/iter_0000006",
+                                    "--override-opt-param-scheduler"],
                      output_dir=str(tmp_path / "b"), nproc=gpus, gpu=True)
     assert resumed.returncode == 0, resumed
     assert _iterations(resumed) == list(range(7, 15))

@@ -59,7 +59,10 @@ def _main_params_match_model(trainer) -> bool:
 
 def probe_changed_settings(session, root, results):
     """Item 5: a resume that changes a shape or the optimizer's format."""
+    # one step after the checkpoint: a shorter run than the one saved, whose LR schedule
+    # (--lr-decay-iters = --train-iters) is kept
     base = dict(rm.TINY, mtp_num_layers=2, train_iters=rm.ITERS // 2 + 1,
+                use_checkpoint_opt_param_scheduler=True,
                 output_dir=os.path.join(root, "probe"))
     fp32_ck, bf16_ck = results["fp32_plain"].checkpoint, results["bf16_plain"].checkpoint
     out = {
@@ -75,9 +78,9 @@ def probe_changed_settings(session, root, results):
     t = session.trainer(None, dict(base, load=fp32_ck, no_load_optim=True,
                                    use_distributed_optimizer=True))
     out["distopt_iteration"] = t.iteration
-    out["distopt_loss"] = t.train()[-1].lm_loss
+    out["distopt_loss"] = t.train().lm_loss
     t = session.trainer(None, dict(base, load=bf16_ck, no_load_optim=True))  # bf16 -> fp32
-    out["fp32_loss"] = t.train()[-1].lm_loss
+    out["fp32_loss"] = t.train().lm_loss
     t = session.trainer(None, dict(base, load=fp32_ck, finetune=True, bf16=True))
     out["finetune_iteration"] = t.iteration
     # --bf16 optimizer: its fp32 main weights must be the loaded weights, not the init.
@@ -94,7 +97,8 @@ def probe_reshard_bf16_distopt(session, root, results):
     t = session.trainer(None, cli)
     states = [s for sub in t.optimizer.chained_optimizers for s in sub.optimizer.state.values()]
     loaded_moments = sum(float(s["exp_avg_sq"].abs().sum()) for s in states)
-    history = t.train()
+    history = []
+    t.train(on_step=history.append)
     return {"iteration_loaded": history[0].iteration - 1, "moments": loaded_moments,
             "losses": {s.iteration: s.lm_loss for s in history}}
 

@@ -103,7 +103,9 @@ def _curves(rank, world_size, output_dir):
         # The optimizer already holds fp32 main copies of the bf16 weights it was built
         # with; without this its first step would write those back over ``init``.
         trainer.optimizer.reload_model_params()
-        curves[name] = [(s.lm_loss, s.mtp_losses) for s in trainer.train()]
+        steps = []
+        trainer.train(on_step=steps.append)
+        curves[name] = [(s.lm_loss, s.mtp_losses) for s in steps]
         finish(trainer)
     return curves
 

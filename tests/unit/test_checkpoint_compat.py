@@ -56,18 +56,35 @@ def test_vocab_size_change_is_refused(tmp_path):
     common = {"vocab": {"vocab_size": 256, "padded_vocab_size": 256}, "layout": {"tp": 1}}
     msg = _error(ck, common=common, vocab=300, padded=384, vocab_size=300)
     assert "256" in msg and "300" in msg and "--vocab-size" in msg
-    # same unpadded vocabulary, other padding at the same TP: the embedding shape differs
+    # a model built with other rows than the checkpoint's (not by vocab_rows): refused
     msg = _error(ck, common=common, vocab=256, padded=512, vocab_size=256,
                  make_vocab_size_divisible_by=512)
-    assert "make_vocab_size_divisible_by" in msg or "--make-vocab-size-divisible-by" in msg
+    assert "256 embedding rows" in msg and "512" in msg
 
 
-def test_padding_change_from_tp_alone_is_a_warning_not_an_error(tmp_path, caplog):
-    ck = _saved(tmp_path, vocab_size=300)
-    common = {"vocab": {"vocab_size": 300, "padded_vocab_size": 384}, "layout": {"tp": 1}}
-    cfg = build_config(None, dict(BASE, vocab_size=300, tensor_model_parallel_size=2), 2)
-    check_compatible(ck, cfg, common=common, vocab_size=300, padded_vocab_size=512)
-    assert "start fresh" in caplog.text
+def test_padding_flag_may_differ_when_the_checkpoint_records_its_rows(tmp_path):
+    """Issue 19 item 1: ``--make-vocab-size-divisible-by 64`` at TP 2 keeps a TP 1 run's
+    384 rows; it was refused as "the weights have other shapes"."""
+    ck = _saved(tmp_path, vocab_size=258)
+    common = {"vocab": {"vocab_size": 258, "padded_vocab_size": 384}, "layout": {"tp": 1}}
+    cfg = build_config(None, dict(BASE, vocab_size=258, tensor_model_parallel_size=2,
+                                  make_vocab_size_divisible_by=64), 2)
+    check_compatible(ck, cfg, common=common, vocab_size=258, padded_vocab_size=384)
+    # a checkpoint without the record (older): the flag itself is compared
+    assert "make_vocab_size_divisible_by" in _error(ck, make_vocab_size_divisible_by=64,
+                                                    vocab_size=258)
+
+
+def test_rows_added_for_tp_load_only_when_masked(tmp_path):
+    ck = _saved(tmp_path, vocab_size=257, make_vocab_size_divisible_by=1)
+    common = {"vocab": {"vocab_size": 257, "padded_vocab_size": 257}, "layout": {"tp": 1}}
+    cfg = build_config(None, dict(BASE, vocab_size=257, make_vocab_size_divisible_by=1,
+                                  tensor_model_parallel_size=2), 2)
+    check_compatible(ck, cfg, common=common, vocab_size=257, padded_vocab_size=258,
+                     live_rows=257)  # row 257 masked: takes no probability mass
+    with pytest.raises(CheckpointError, match="257 embedding rows"):
+        check_compatible(ck, cfg, common=common, vocab_size=257, padded_vocab_size=258,
+                         live_rows=258)  # a fresh row that would score
 
 
 def test_learned_positions_name_max_position_embeddings(tmp_path):
