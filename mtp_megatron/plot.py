@@ -11,12 +11,13 @@ iterations and one against tokens consumed. Each run keeps one colour. Needs mat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
+
+from mtp_megatron.training import writers
 
 MTP_LOSS = re.compile(r"^mtp_(\d+) loss$")
 ACCEPTANCE = re.compile(r"^(mtp|chained)_(\d+) acceptance$")
@@ -35,23 +36,19 @@ class Run:
 
 def read_run(path: str) -> Run:
     """The training and validation rows of ``path/metrics.jsonl`` (or a .jsonl file)."""
-    file = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
+    file = writers.metrics_path(path)
     if not os.path.isfile(file):
         raise PlotError(f"{path}: no metrics.jsonl (is it a run's --output-dir?)")
     name = os.path.basename(os.path.dirname(os.path.abspath(file)))
     run = Run(name)
     tokens_per_iter = _tokens_per_iteration(os.path.dirname(file))
-    with open(file) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise PlotError(f"{file}:{number}: not a JSON line") from None
-            if "tokens" not in row and tokens_per_iter:
-                row["tokens"] = row["iteration"] * tokens_per_iter  # runs from before tokens
-            (run.valid if row.get("split") == "valid" else run.train).append(row)
+    try:
+        run.train, run.valid = writers.read_run(file)
+    except ValueError as exc:
+        raise PlotError(str(exc)) from None
+    for row in run.train + run.valid:
+        if "tokens" not in row and tokens_per_iter:
+            row["tokens"] = row["iteration"] * tokens_per_iter  # runs from before tokens
     if not run.train and not run.valid:
         raise PlotError(f"{file}: no rows")
     return run

@@ -77,9 +77,10 @@ from mtp_megatron.checkpoint.layout import (
     partial_saves,
     resolve_load_dir,
 )
+from mtp_megatron.checkpoint.optimizer_state import align_saved_groups, restore_schedule
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 from mtp_megatron.runtime import comm, cpu_bridge, mcore_compat
-from mtp_megatron.training.optim import align_saved_groups, restore_schedule, sub_optimizers
+from mtp_megatron.runtime.optimizer_parts import sub_optimizers
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -187,7 +188,7 @@ def _load_optimizer(optimizer, state_dict) -> None:
     ``step``), set the step tensors aside while the parameter state is copied in with
     megatron-core's own loader for the format, then give each parameter its own copy.
     """
-    align_saved_groups(optimizer, state_dict)  # this run's --lr/--min-lr, see optim.py
+    align_saved_groups(optimizer, state_dict)  # this run's --lr/--min-lr, see optimizer_state.py
     if HAVE_APEX_OR_TE or not distributed_optimizers(optimizer) \
             or not mcore_compat.needs("torch_adam_step"):
         optimizer.load_state_dict(state_dict)

@@ -47,7 +47,7 @@ import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from mtp_megatron.runtime import mcore_compat
-from mtp_megatron.training.optim import sub_optimizers
+from mtp_megatron.runtime.optimizer_parts import sub_optimizers
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 

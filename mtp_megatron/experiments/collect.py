@@ -12,24 +12,12 @@ it is larger by construction and says nothing about next-token quality.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Dict, List, Optional, Tuple
 
 from mtp_megatron.config.mtp import normalised_depth_weights
 from mtp_megatron.experiments.spec import RunSpec
-
-
-def read_metrics(path: str) -> Tuple[List[Dict], List[Dict]]:
-    """(training rows, validation rows) of a metrics.jsonl, in file order."""
-    train, valid = [], []
-    with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                (valid if row.get("split") == "valid" else train).append(row)
-    return train, valid
+from mtp_megatron.training.writers import read_run
 
 
 def main_head_loss(valid_row: Dict) -> float:
@@ -74,7 +62,7 @@ def tokens_and_flops_per_step(train_rows: List[Dict]) -> Tuple[float, float]:
 
 def collect_run(run: RunSpec, run_dir: str) -> Dict:
     """The run's final validation metrics, speed, memory and validation curve."""
-    train, valid = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    train, valid = read_run(run_dir)
     final = [r for r in valid if r["iteration"] == run.train_iters]
     if not train or not final:
         raise RuntimeError(f"{run.name}: {run_dir}/metrics.jsonl has no final validation "

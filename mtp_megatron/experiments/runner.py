@@ -21,6 +21,7 @@ import time
 from typing import Dict, List, Optional
 
 from mtp_megatron.experiments.spec import ExperimentSpec, RunSpec
+from mtp_megatron.training.writers import metrics_path, read_run
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -44,15 +45,10 @@ def read_done(run_dir: str) -> Optional[Dict]:
 
 
 def has_final_validation(run_dir: str, train_iters: int) -> bool:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    if not os.path.isfile(metrics_path(run_dir)):
         return False
-    with open(path) as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row.get("split") == "valid" and row.get("iteration") == train_iters:
-                return True
-    return False
+    _, valid = read_run(run_dir)
+    return any(row.get("iteration") == train_iters for row in valid)
 
 
 def launch(command: List[str], log_path: str, threads: Optional[int] = None) -> int:

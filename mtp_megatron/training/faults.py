@@ -48,7 +48,7 @@ import torch.distributed as dist
 from mtp_megatron.checkpoint.layout import write_text_atomic
 from mtp_megatron.config import CheckpointConfig
 from mtp_megatron.runtime import comm
-from mtp_megatron.training.optim import sub_optimizers
+from mtp_megatron.runtime.optimizer_parts import sub_optimizers
 
 INJECT_NAN_ENV = "MTP_MEGATRON_INJECT_NAN_AT"
 STEP_DELAY_ENV = "MTP_MEGATRON_STEP_DELAY_S"

@@ -14,7 +14,10 @@ and wandb, as Megatron-LM tags them.
 ``metrics.jsonl`` describes one run. A run that starts at iteration 0 in an output
 directory that already has one moves the old file aside (``metrics.1.jsonl``, then
 ``.2``, ...); a run resumed at iteration N drops the rows past N (the iterations a crash
-lost are redone, and would otherwise appear twice). :func:`read_rows` reads the file.
+lost are redone, and would otherwise appear twice). The file's one reader is here too,
+used by ``plot``, ``experiments`` and the tests:
+
+    train, valid = read_run("runs/default")   # an --output-dir, or the .jsonl itself
 
 Whether tensorboard and wandb are installed is checked before the run starts
 (``runtime/preflight.py``); here they are only imported.
@@ -41,17 +44,41 @@ def scalars(row: Row, split: str) -> Iterator[Tuple[str, float]]:
         yield (key if split == "train" else f"{key} validation"), float(value)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_path(path: str) -> str:
+    """``path`` itself if it is a ``.jsonl`` file, else ``path/metrics.jsonl`` (a run's
+    --output-dir)."""
+    return path if path.endswith(".jsonl") else os.path.join(path, METRICS_FILE)
+
+
 def read_rows(path: str) -> List[Row]:
-    """The rows of a ``metrics.jsonl``, in file order (a torn last line, left by a run
-    killed mid-write, is skipped)."""
+    """The rows of a ``metrics.jsonl`` (or of a run's --output-dir), in file order. A torn
+    last line, left by a run killed mid-write, is skipped; a bad line elsewhere is a
+    ``ValueError`` naming the file and line."""
+    file = metrics_path(path)
+    with open(file) as fh:
+        lines = fh.read().splitlines()
     rows = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                continue  # torn by a kill mid-write
+            raise ValueError(f"{file}:{number}: not a JSON line") from None
     return rows
+
+
+def read_run(path: str) -> Tuple[List[Row], List[Row]]:
+    """(training rows, validation rows) of a run's metrics, in file order."""
+    train, valid = [], []
+    for row in read_rows(path):
+        (valid if row.get("split") == "valid" else train).append(row)
+    return train, valid
 
 
 def start_run_file(path: str, iteration: int) -> Optional[str]:

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from mtp_megatron.training.writers import read_run
 from tests.dist_utils import spawn
 from tests.functional.launcher import launch
 from tests.upgrade_fixture import CASES, FIXTURES, MODEL, SAVED_AT, TRAIN_ITERS
@@ -68,8 +69,8 @@ def test_a_resume_continues_the_saved_run(case, tmp_path):
                  output_dir=str(tmp_path / "run"), nproc=2)
     assert run.returncode == 0, run
     assert f"loaded checkpoint {ck}/iter_{SAVED_AT:07d}" in run.stdout
-    with open(os.path.join(FIXTURES, case, "metrics.jsonl")) as fh:
-        straight = {r["iteration"]: r for r in map(json.loads, fh) if "split" not in r}
+    train, _ = read_run(os.path.join(FIXTURES, case))
+    straight = {r["iteration"]: r for r in train}
     resumed = {r["iteration"]: r for r in run.metrics()}
     assert sorted(resumed) == list(range(SAVED_AT + 1, TRAIN_ITERS + 1))
     for it, row in resumed.items():

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from mtp_megatron.training.writers import read_rows
 from tests.functional.launcher import ROOT
 
 pytestmark = pytest.mark.functional
@@ -39,8 +40,7 @@ def test_baseline_vs_mtp1_runs_reports_and_resumes(tmp_path):
     mtp = doc["variants"]["mtp_d1_f0.3"]
     run = next(r for r in doc["runs"] if r["variant"] == "mtp_d1_f0.3")
     # the main head's validation loss, read from the run's own final validation row
-    rows = [json.loads(line) for line in open(os.path.join(
-        out, "runs", "seed1234", "mtp_d1_f0.3", "metrics.jsonl"))]
+    rows = read_rows(os.path.join(out, "runs", "seed1234", "mtp_d1_f0.3"))
     final = [r for r in rows if r.get("split") == "valid" and r["iteration"] == 4][-1]
     assert run["valid_lm_loss"] == final["lm loss"] != run["train_objective"]
     assert 0.0 <= run["acceptance"][0] <= 1.0 and run["peak_rss_mib"] > 100

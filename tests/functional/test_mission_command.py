@@ -4,7 +4,6 @@ It runs in a temporary directory (the default --output-dir, runs/default, is rel
 to it), so the tests never touch a user's runs/.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ import sys
 import pytest
 
 from mtp_megatron.runtime.strict_device import STRICT_ENV
+from mtp_megatron.training.writers import read_run
 from tests.functional.launcher import ROOT
 
 pytestmark = [pytest.mark.functional, pytest.mark.compat]  # also on the 0.16.1 floor
@@ -33,9 +33,7 @@ def test_torchrun_pretrain_gpt_mtp_with_one_mtp_layer(tmp_path):
         assert message in proc.stdout, proc.stdout[:3000]
     assert re.search(r"iteration 200/200 \| elapsed \d+:\d\d:\d\d \| ETA 0:00:00 \| lm loss",
                      proc.stdout), proc.stdout[-3000:]
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    train = [r for r in rows if r.get("split") is None]
-    valid = [r for r in rows if r.get("split") == "valid"]
+    train, valid = read_run(out)
     assert train[-1]["iteration"] == 200 and train[-1]["tokens"] == 200 * 16 * 128
     assert train[-1]["lm loss"] < train[0]["lm loss"] - 1.0
     assert "mtp_1 loss" in train[-1] and "mtp_2 loss" not in train[-1]

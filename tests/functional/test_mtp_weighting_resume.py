@@ -12,11 +12,11 @@ naming the flag and both values, and the new schedule applies from the next iter
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
+from mtp_megatron.training.writers import read_run
 from tests.dist_utils import spawn
 from tests.functional import resume_matrix as rm
 
@@ -73,8 +73,7 @@ def test_resume_mid_schedule_is_bit_exact(dp2, name):
 def test_metrics_jsonl_logs_the_factor_of_every_iteration(dp2, name):
     root, _ = dp2
     for run in ("a", "b"):
-        with open(os.path.join(root, name, run, "metrics.jsonl")) as fh:
-            rows = [json.loads(line) for line in fh if '"split"' not in line]
+        rows, _ = read_run(os.path.join(root, name, run))
         first = 1 if run == "a" else 3
         expected = FACTORS[name][first - 1:]
         assert [r["iteration"] for r in rows] == list(range(first, 5))

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from mtp_megatron.training.writers import read_rows
 from tests.functional.launcher import LAUNCHER, ROOT, TINY, launch_env
 
 pytestmark = pytest.mark.functional
@@ -80,7 +81,7 @@ def test_sigterm_to_torchrun_during_a_long_evaluation_saves(tmp_path):
     assert reason in ("received SIGTERM", OTHER) and "received SIGTERM" in rest + reason
     assert record == {"iteration": 3, "saved": True,
                       "checkpoint": str(tmp_path / "ck" / "iter_0000003")}
-    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    rows = read_rows(str(tmp_path / "out"))
     assert not [r for r in rows if r.get("split") == "valid"]  # nothing half-evaluated
 
 

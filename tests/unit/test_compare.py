@@ -16,6 +16,7 @@ import pytest
 from mtp_megatron.config import ConfigError
 from mtp_megatron.experiments import collect, compare, flops, report, runner
 from mtp_megatron.experiments.spec import ExperimentSpec, RunSpec, load_spec, plan_runs
+from mtp_megatron.training.writers import read_rows, read_run
 
 FLOPS = {0: 100.0, 1: 130.0, 2: 160.0}  # per token: D=1 costs 1.3x, D=2 1.6x
 TOKENS_PER_STEP = 1000
@@ -156,7 +157,7 @@ def test_experiment_resumes_without_retraining(tmp_path, fake):
     os.remove(os.path.join(os.path.dirname(metrics[0]), runner.DONE))
     compare.run_experiment(small_spec(tmp_path, seeds=3), command="test")
     assert len(fake.launches) == 12 + 1 + 6
-    train_rows, _ = collect.read_metrics(metrics[0])
+    train_rows, _ = read_run(metrics[0])
     assert len(train_rows) == 10, "the retrained run's metrics.jsonl kept the old rows"
 
 
@@ -235,7 +236,7 @@ def test_trainer_metrics_record_peak_memory(tmp_path):
     log.record(StepMetrics(1, 2.0, [2.5], 1e-3, 1.0, 0.1))
     line = log.log()
     log.close()
-    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    (row,) = read_rows(str(tmp_path))
     assert row["max RSS MiB"] > 10 and "max RSS" not in line
 
 

@@ -13,6 +13,7 @@ from mtp_megatron.training.metrics import (
     peak_tflops_for,
     tflops_per_gpu,
 )
+from mtp_megatron.training.writers import read_rows
 
 
 def cfg_from(*argv, world=1):
@@ -197,9 +198,8 @@ def test_tflops_per_gpu_and_mfu_arithmetic(tmp_path):
     # 2000 tokens/s x 2 GFLOP / 4 GPUs = 1 TFLOP/s per GPU; MFU 1.0 of a 1 TFLOP/s peak
     assert "TFLOP/s/GPU 1.0000" in line and "MFU 1.0000" in line
     assert "TFLOP/s 4" not in line  # the job's rate stays in metrics.jsonl only
-    import json
 
-    row = json.loads(open(tmp_path / "metrics.jsonl").read())
+    (row,) = read_rows(str(tmp_path))
     assert row["TFLOP/s"] == pytest.approx(4.0) and row["TFLOP/s/GPU"] == pytest.approx(1.0)
     assert "time ms/iter: data 1.0, forward-backward 400.0" in line
     log.close()
