@@ -27,7 +27,9 @@ logger = logging.getLogger("mtp_megatron")
 
 
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    from mtp_megatron.runtime.launch_env import reported_rank
+
+    rank = reported_rank(os.environ)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout,
         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S",
@@ -39,10 +41,6 @@ def _setup_logging() -> None:
     quiet_import_notices()
 
 
-def _launcher_rank(name: str, slurm_name: str) -> str:
-    return os.environ.get(name, os.environ.get(slurm_name, "0"))
-
-
 # How long a silent rank waits before exiting: the reporting rank parses the same argv
 # at the same time, so it prints well within this even on a loaded machine; a launcher
 # that stops the job at the first failure (torchrun, srun --kill-on-bad-exit) ends the
@@ -50,8 +48,9 @@ def _launcher_rank(name: str, slurm_name: str) -> str:
 SILENT_RANK_GRACE_S = 10.0
 
 
-def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_PROCID") -> None:
-    """Print a user error on one rank (``rank_var`` == 0), not once per process. When the
+def _report(err: Exception, *, per_node: bool = False) -> None:
+    """Print a user error on one rank (global rank 0, or each node's local rank 0 with
+    ``per_node``), not once per process. When the
     variable is not a rank number (``LOCAL_RANK=-1``: usually the error itself) no rank
     can be sure another prints, so each prints.
 
@@ -59,7 +58,9 @@ def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_P
     rank that exited first would be the "first failure" torchrun acts on, and torchrun
     would SIGTERM the reporting rank before its line reached stderr.
     """
-    rank = _launcher_rank(rank_var, slurm_var)
+    from mtp_megatron.runtime.launch_env import reported_rank
+
+    rank = reported_rank(os.environ, local=per_node)
     if rank == "0" or not rank.isdigit():  # a broken rank variable: no rank is sure to print
         print(f"error: {err}", file=sys.stderr, flush=True)
     else:  # a non-zero rank: there is a reporting rank to wait for
@@ -69,7 +70,9 @@ def _report(err: Exception, *, rank_var: str = "RANK", slurm_var: str = "SLURM_P
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     try:
-        cfg, options = load_config(argv)
+        from mtp_megatron.runtime.launch_env import launcher_world_size
+
+        cfg, options = load_config(argv, *launcher_world_size(os.environ))
         from mtp_megatron.runtime.mcore_compat import check_config
 
         check_config(cfg)  # what the installed megatron-core release can run
@@ -93,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         apply_cuda_env(cfg)  # before CUDA is initialised (the Trainer does it)
     except ConfigError as err:
-        _report(err, rank_var="LOCAL_RANK", slurm_var="SLURM_LOCALID")
+        _report(err, per_node=True)
         return ExitCode.CONFIG
     from mtp_megatron.checkpoint import CheckpointError
     from mtp_megatron.training.faults import NonFiniteStepError, ignore_exit_signal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -47,18 +48,49 @@ def parse_blend(items: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]
     return items, None
 
 
+# A --split weight: digits with at most one decimal point (megatron-core's parser,
+# ``parse_and_normalize_split``, reads every run of digits and dots as a number, so "1e2"
+# would be two numbers there and "-1" a positive one).
+_WEIGHT = r"(?:\d+\.?\d*|\.\d+)"
+_SPLIT = re.compile(rf"\s*{_WEIGHT}(?:\s*[,/]\s*{_WEIGHT}){{0,2}}\s*")
+
+
 def parse_split(split: str) -> List[float]:
-    """``"98,2,0"`` -> ``[98.0, 2.0, 0.0]`` (train, validation, test weights)."""
-    try:
-        parts = [float(p) for p in str(split).replace("/", ",").split(",")]
-    except ValueError:
-        parts = []
-    if (not 1 <= len(parts) <= 3 or any(not math.isfinite(p) or p < 0 for p in parts)
-            or parts[0] <= 0):
+    """``"98,2,0"`` -> ``[98.0, 2.0, 0.0]`` (train, validation, test weights).
+
+    The one owner of the ``--split`` rule, checked at config time: up to three plain
+    decimal weights separated by ``,`` or ``/``, train > 0. Every string accepted here is
+    read by megatron-core's dataset builder (which parses the same string again) as the
+    same weights; tests/unit/test_one_owner.py compares the two parsers."""
+    text = str(split)
+    parts = ([float(p) for p in re.findall(_WEIGHT, text)]
+             if _SPLIT.fullmatch(text) else [])
+    if not parts or parts[0] <= 0:
         raise ConfigError("--split", split,
-                          "up to three non-negative weights train,valid,test with train > 0 "
-                          "(e.g. 98,2,0)")
+                          "up to three plain decimal weights train,valid,test separated by "
+                          "commas, train > 0 (e.g. 98,2,0)")
     return parts + [0.0] * (3 - len(parts))
+
+
+# --tokenizer-type -> the package its --tokenizer-model is read with (byte-level: no file)
+TOKENIZER_PACKAGES = {"huggingface": "transformers", "sentencepiece": "sentencepiece"}
+
+
+def check_tokenizer_flags(tokenizer_type: str, tokenizer_model: Optional[str]) -> None:
+    """The flag rules for tokenizers, the one owner (training's config and ``preprocess``
+    alike): a known type; a model file exactly for the types that read one. Whether the
+    file exists and its package imports is ``data/tokenizers.py::check_tokenizer_files``."""
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError("--tokenizer-type", tokenizer_type,
+                          "one of " + ", ".join(TOKENIZER_TYPES))
+    needs_model = tokenizer_type in TOKENIZER_PACKAGES
+    if needs_model and not tokenizer_model:
+        raise ConfigError("--tokenizer-model", None,
+                          f"a local file with --tokenizer-type {tokenizer_type}")
+    if tokenizer_model and not needs_model:
+        raise ConfigError("--tokenizer-model", tokenizer_model,
+                          f"nothing with --tokenizer-type {tokenizer_type} (it needs no file); "
+                          "a file only with --tokenizer-type huggingface or sentencepiece")
 
 
 @dataclass(frozen=True)
@@ -117,12 +149,6 @@ class DataConfig:
         parse_split(self.split)
         check_int("--eval-interval", self.eval_interval, 1, allow_none=True)
         check_int("--eval-iters", self.eval_iters, 0)
-        needs_model = self.tokenizer_type in ("huggingface", "sentencepiece")
-        if needs_model and not self.tokenizer_model:
-            raise ConfigError("--tokenizer-model", None,
-                              f"a local file with --tokenizer-type {self.tokenizer_type}")
-        if self.tokenizer_model and not needs_model:
-            raise ConfigError("--tokenizer-model", self.tokenizer_model,
-                              "only with --tokenizer-type huggingface or sentencepiece")
+        check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model)
         if self.mock_data and (self.tokenizer_type != "byte-level" or self.split != "98,2,0"):
             logger.warning("--tokenizer-type/--split have no effect with --mock-data.")

@@ -295,23 +295,23 @@ def build_config(
     return RunConfig(**{name: SECTIONS[name](**body) for name, body in merged.items()})
 
 
-def load_config(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None
-                ) -> tuple[RunConfig, RunOptions]:
-    """The launcher's entry: parse argv, read --config, apply precedence, validate."""
+def load_config(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
+                world_var: str = "") -> tuple[RunConfig, RunOptions]:
+    """The launcher's entry: parse argv, read --config, apply precedence, validate.
+
+    ``world_size`` is the launcher's (read once, by
+    ``runtime.launch_env.launcher_world_size``, from ``world_var``); None outside a
+    launcher."""
     argv = sys.argv[1:] if argv is None else argv
-    env = os.environ if env is None else env
     options, cli_values = parse_cli(argv)
     yaml_values = read_yaml(options.config_path) if options.config_path else None
-    name = "WORLD_SIZE" if env.get("WORLD_SIZE") else "SLURM_NTASKS"
-    world = env.get(name)
-    if world is not None and not world.isdigit():
-        raise ConfigError(name, world, "the launcher's integer world size")
     given = cli_values.get("world_size")
-    if world and given is not None and given != int(world) and not options.dry_run:
+    if world_size and given is not None and given != world_size and not options.dry_run:
         # before the sections' checks, which would judge the batch for the wrong DP size
-        raise ConfigError("--world-size", given, f"the launcher's world size {world} "
-                          f"({name}), or leave it out", "--world-size is for --dry-run plans")
-    cfg = build_config(yaml_values, cli_values, int(world) if world else None)
+        origin = f" ({world_var})" if world_var else ""
+        raise ConfigError("--world-size", given, f"the launcher's world size {world_size}"
+                          f"{origin}, or leave it out", "--world-size is for --dry-run plans")
+    cfg = build_config(yaml_values, cli_values, world_size)
     return cfg, options
 
 

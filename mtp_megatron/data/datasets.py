@@ -187,10 +187,8 @@ def _check_meta(prefix: str, *, data: DataConfig, vocab: int) -> None:
 
 def split_ranges(split: str, num_documents: int) -> List[Optional[Tuple[int, int]]]:
     """Document ranges [begin, end) per split, exactly as megatron-core's builder cuts them."""
-    try:  # megatron-core reads the numbers with a regex: "1e2" would be three of them
-        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    except AssertionError:
-        raise ConfigError("--split", split, "three plain decimal weights, e.g. 98,2,0") from None
+    # --split was checked at config time (config/data.py::parse_split, the one owner)
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [None if m is None else (int(round(m[0] * float(num_documents))),
                                     int(round(m[1] * float(num_documents)))) for m in matrix]
 

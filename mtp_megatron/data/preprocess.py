@@ -35,8 +35,9 @@ from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from mtp_megatron.config.data import TOKENIZER_TYPES
 from mtp_megatron.config.fields import ConfigError
-from mtp_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, encode, token_dtype
+from mtp_megatron.data.tokenizers import build_tokenizer, encode, token_dtype
 
 logger = logging.getLogger(__name__)
 

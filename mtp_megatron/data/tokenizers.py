@@ -23,37 +23,40 @@ from typing import List, Optional
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizer
 
-from mtp_megatron.config.data import TOKENIZER_TYPES
+from mtp_megatron.config.data import TOKENIZER_PACKAGES, check_tokenizer_flags
 from mtp_megatron.config.fields import ConfigError
 from mtp_megatron.runtime import mcore_compat
 
 BYTE_EOD, BYTE_PAD, BYTE_VOCAB = 256, 257, 258
 MOCK_VOCAB_SIZE = 512
 
-_NEEDS = {"huggingface": "transformers", "sentencepiece": "sentencepiece"}
+def check_tokenizer_files(tokenizer_type: str, tokenizer_model: Optional[str]) -> None:
+    """What this machine must have for the tokenizer (the flags themselves are checked by
+    ``config/data.py::check_tokenizer_flags``): the model file, and the package that reads
+    it. Every tokenizer this package builds goes through it (training, preprocess,
+    generation)."""
+    check_tokenizer_flags(tokenizer_type, tokenizer_model)
+    if tokenizer_type not in TOKENIZER_PACKAGES:
+        return
+    if not os.path.exists(tokenizer_model):
+        raise ConfigError("--tokenizer-model", tokenizer_model,
+                          f"an existing local file for --tokenizer-type {tokenizer_type}",
+                          "tokenizers are never downloaded")
+    package = TOKENIZER_PACKAGES[tokenizer_type]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError("--tokenizer-type", tokenizer_type, f"only with {package} installed",
+                          f"pip install {package}")
 
 
 def build_tokenizer(tokenizer_type: str = "byte-level", tokenizer_model: Optional[str] = None):
-    """A megatron-core tokenizer; :class:`ConfigError` for a missing file or package."""
+    """A megatron-core tokenizer; :class:`ConfigError` for a bad flag, a missing file or
+    package (:func:`check_tokenizer_files`), or a tokenizer without an end-of-sequence token."""
+    check_tokenizer_files(tokenizer_type, tokenizer_model)
     if tokenizer_type == "byte-level":
-        if tokenizer_model:
-            raise ConfigError("--tokenizer-model", tokenizer_model,
-                              "nothing with --tokenizer-type byte-level (it needs no file)")
         return MegatronTokenizer.from_pretrained(
             metadata_path={"library": "byte-level"}, vocab_size=256,
             special_tokens=["<pad>", "<eod>"], _eos_id=BYTE_EOD, _pad_id=BYTE_PAD,
         )
-    if tokenizer_type not in _NEEDS:
-        raise ConfigError("--tokenizer-type", tokenizer_type,
-                          "one of " + ", ".join(TOKENIZER_TYPES))
-    if not tokenizer_model or not os.path.exists(tokenizer_model):
-        raise ConfigError("--tokenizer-model", tokenizer_model,
-                          f"an existing local file for --tokenizer-type {tokenizer_type}",
-                          "tokenizers are never downloaded")
-    package = _NEEDS[tokenizer_type]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError("--tokenizer-type", tokenizer_type, f"only with {package} installed",
-                          f"pip install {package}")
     path = tokenizer_model
     if tokenizer_type == "huggingface":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -61,10 +61,9 @@ def check_runs(spec: ExperimentSpec, runs) -> None:
     not fit --train-iters): the ConfigError comes before anything trains."""
     from mtp_megatron.config import load_config
 
-    env = {"WORLD_SIZE": str(spec.nproc_per_node)}
     for run in runs:
         if run.depth:
-            load_config(run.launcher_args(spec), env=env)
+            load_config(run.launcher_args(spec), spec.nproc_per_node)
 
 
 def _prompts(spec: ExperimentSpec, prompt_file: Optional[str]) -> Optional[List[str]]:

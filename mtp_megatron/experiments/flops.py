@@ -25,7 +25,7 @@ def per_token_flops(launcher_args: Sequence[str], depths: Sequence[int],
     from mtp_megatron.model.builder import vocab_size_for
     from mtp_megatron.model.counting import flops_per_token
 
-    cfg, _ = load_config(list(launcher_args), env={"WORLD_SIZE": str(world_size)})
+    cfg, _ = load_config(list(launcher_args), world_size)
     vocab = vocab_size_for(cfg, prepare_data(data=cfg.data, model=cfg.model).vocab_size)
     out = {0: flops_per_token(cfg, vocab, with_mtp=False)["total"]}
     for depth in depths:

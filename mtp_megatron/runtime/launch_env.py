@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from typing import List, Mapping
+from typing import List, Mapping, Optional, Tuple
 
 from mtp_megatron.config import ConfigError
 
@@ -43,6 +43,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launcher_world_size(env: Mapping[str, str]) -> Tuple[Optional[int], str]:
+    """The launcher's world size and the variable it came from, before any other check
+    (the config's batch arithmetic needs it): ``WORLD_SIZE`` under torchrun (or whatever
+    sets ``RANK``/``WORLD_SIZE``), ``SLURM_NTASKS`` under srun, (None, "") otherwise. The
+    one reader of these variables with :func:`read_launch_env`."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        name = "WORLD_SIZE"
+    elif "SLURM_PROCID" in env or "SLURM_NTASKS" in env:
+        name = "SLURM_NTASKS"
+    else:
+        return None, ""
+    if not env.get(name):
+        return None, name
+    return _int_var(env, name, 1), name
+
+
+def reported_rank(env: Mapping[str, str], *, local: bool = False) -> str:
+    """The global (or, with ``local``, the node-local) rank as the launcher wrote it,
+    unchecked: for picking the one process that prints a user error before anything is
+    validated. torchrun's variable, else srun's, else "0"."""
+    name, slurm_name = ("LOCAL_RANK", "SLURM_LOCALID") if local else ("RANK", "SLURM_PROCID")
+    return env.get(name, env.get(slurm_name, "0"))
 
 
 def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:

@@ -56,7 +56,8 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
 
 def _check_world_size(cfg: RunConfig, launched: int) -> None:
     """The launcher started as many ranks as the config expects (``ParallelConfig`` has
-    already checked that --world-size is a multiple of TP x PP x CP)."""
+    already checked that --world-size is a multiple of TP x PP x CP; ``load_config``, that
+    it is torchrun's or srun's world size: what is left is a plain ``python`` start)."""
     given = cfg.parallel.world_size
     if given is not None and given != launched:
         raise ConfigError("--world-size", given, f"the launcher's world size {launched}")

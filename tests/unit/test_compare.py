@@ -106,7 +106,7 @@ def test_per_token_flops_matches_the_trainers_count():
     args = ["--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "64"]
     got = flops.per_token_flops(args, [1, 2])
-    cfg, _ = load_config(args + ["--mtp-num-layers", "2"], env={"WORLD_SIZE": "1"})
+    cfg, _ = load_config(args + ["--mtp-num-layers", "2"], 1)
     assert got[2] == flops_per_token(cfg, 512)["total"]
     assert got[0] == flops_per_token(cfg, 512, with_mtp=False)["total"]
     # one MTP depth = one decoder layer + eh_proj (2h x h) + one more output head

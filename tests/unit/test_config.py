@@ -13,8 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def cfg_from(*argv, world=None):
-    env = {} if world is None else {"WORLD_SIZE": str(world)}
-    return load_config(list(argv), env)[0]
+    return load_config(list(argv), world)[0]
 
 
 def rejects(flag_in_message, *argv, world=None):

@@ -24,7 +24,7 @@ def test_every_section_has_booleans_to_check():
 def test_yaml_true_is_turned_off_by_the_negated_flag(tmp_path, section, name):
     path = tmp_path / "c.yaml"
     path.write_text(f"{section}:\n  {name}: true\n")
-    cfg, _ = load_config(["--config", str(path), negation_of(_flag(name))], {})
+    cfg, _ = load_config(["--config", str(path), negation_of(_flag(name))])
     assert getattr(getattr(cfg, section), name) is False
     assert parse_cli([_flag(name)])[1] == {name: True}
 
@@ -52,7 +52,7 @@ def test_field_names_are_unique_over_sections_and_never_a_section_name():
 def test_flat_yaml_keys_go_to_their_section(tmp_path):
     path = tmp_path / "flat.yaml"
     path.write_text("mtp_num_layers: 2\nnum_layers: 6\nbf16: true\nmodel:\n  hidden_size: 64\n")
-    cfg, _ = load_config(["--config", str(path), "--no-bf16"], {})
+    cfg, _ = load_config(["--config", str(path), "--no-bf16"])
     assert cfg.mtp.mtp_num_layers == 2 and cfg.model.num_layers == 6
     assert cfg.model.hidden_size == 64 and cfg.training.bf16 is False
 
@@ -61,14 +61,14 @@ def test_a_misspelt_flat_key_names_the_closest_valid_key(tmp_path):
     path = tmp_path / "flat.yaml"
     path.write_text("mtp_num_layer: 1\n")
     with pytest.raises(ConfigError, match="'mtp_num_layer'.*Did you mean 'mtp_num_layers'"):
-        load_config(["--config", str(path)], {})
+        load_config(["--config", str(path)])
 
 
 def test_a_key_given_flat_and_sectioned_is_an_error(tmp_path):
     path = tmp_path / "both.yaml"
     path.write_text("mtp_num_layers: 1\nmtp:\n  mtp_num_layers: 2\n")
     with pytest.raises(ConfigError, match="both at the top level and under mtp"):
-        load_config(["--config", str(path)], {})
+        load_config(["--config", str(path)])
 
 
 @pytest.mark.parametrize("env,printed", [

@@ -157,7 +157,7 @@ FP8 = ["--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--
 def _cfg(*argv, world=1):
     from mtp_megatron.config import load_config
 
-    return load_config(list(argv), {"WORLD_SIZE": str(world)})[0]
+    return load_config(list(argv), world)[0]
 
 
 def _rejects(*argv, world=1):

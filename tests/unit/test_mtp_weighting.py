@@ -70,11 +70,11 @@ def test_the_design_documents_table_maps_to_factor_and_weights():
 
 
 def test_weights_from_the_command_line_and_a_yaml_list(tmp_path):
-    cfg, _ = load_config(["--mtp-num-layers", "2", "--mtp-depth-weights", "3,1"], {})
+    cfg, _ = load_config(["--mtp-num-layers", "2", "--mtp-depth-weights", "3,1"])
     assert cfg.mtp.depth_weights() == (0.75, 0.25)
     path = tmp_path / "w.yaml"
     path.write_text("mtp:\n  mtp_num_layers: 2\n  mtp_depth_weights: [3, 1]\n")
-    cfg, _ = load_config(["--config", str(path)], {})
+    cfg, _ = load_config(["--config", str(path)])
     assert cfg.mtp.mtp_depth_weights == "3,1" and cfg.mtp.depth_weights() == (0.75, 0.25)
 
 

@@ -98,10 +98,10 @@ def test_world_size_is_checked_against_the_launcher_before_the_batch():
     # the mistake; the launcher started 2 ranks
     argv = ["--world-size", "4", "--global-batch-size", "6", "--micro-batch-size", "3"]
     with pytest.raises(ConfigError) as err:
-        load_config(argv, {"WORLD_SIZE": "2"})
+        load_config(argv, 2, "WORLD_SIZE")
     assert "--world-size=4" in str(err.value) and "WORLD_SIZE" in str(err.value)
     assert "global-batch-size" not in str(err.value)
-    cfg, _ = load_config(["--world-size", "4", "--dry-run"], {"WORLD_SIZE": "1"})  # a plan
+    cfg, _ = load_config(["--world-size", "4", "--dry-run"], 1)  # a plan
     assert cfg.parallel.world_size == 4
 
 
@@ -109,11 +109,11 @@ def test_world_size_is_checked_against_the_launcher_before_the_batch():
 
 def test_config_on_a_directory_or_a_binary_file_is_one_error(tmp_path):
     with pytest.raises(ConfigError, match="it is a directory"):
-        load_config(["--config", str(tmp_path)], {})
+        load_config(["--config", str(tmp_path)])
     binary = tmp_path / "weights.bin"
     binary.write_bytes(BINARY)
     with pytest.raises(ConfigError, match="--config.*not UTF-8"):
-        load_config(["--config", str(binary)], {})
+        load_config(["--config", str(binary)])
 
 
 def test_prompt_file_that_is_binary_is_one_error(tmp_path, capsys):

@@ -17,7 +17,7 @@ from mtp_megatron.training.writers import read_rows
 
 
 def cfg_from(*argv, world=1):
-    return load_config(list(argv), {"WORLD_SIZE": str(world)})[0]
+    return load_config(list(argv), world)[0]
 
 
 def rejects(flags, *argv, world=1):
