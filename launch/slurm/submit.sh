@@ -109,7 +109,17 @@ if (( PLAN_ONLY )); then
     if [[ -n ${MTP_CONFIG:-} ]]; then
         plan_args+=(--config "$MTP_CONFIG")
     fi
-    exec "${PYTHON:-python3}" "$REPO/launch/pretrain_gpt_mtp.py" "${plan_args[@]}" "$@" \
+    # The plan needs this package's light dependencies only (PyYAML), no torch: the
+    # checkout's .venv, or MTP_PYTHON, or python3.
+    python=${MTP_PYTHON:-}
+    if [[ -z $python ]]; then
+        if [[ -x $REPO/.venv/bin/python ]]; then python=$REPO/.venv/bin/python; else python=python3; fi
+    fi
+    if ! "$python" -c 'import yaml' 2>/dev/null; then
+        die "--plan-only needs a Python with this package's requirements (PyYAML): $python has" \
+            "none. Set MTP_PYTHON=/path/to/venv/bin/python (make venv builds $REPO/.venv)."
+    fi
+    exec "$python" "$REPO/launch/pretrain_gpt_mtp.py" "${plan_args[@]}" "$@" \
         --world-size "$((NODES * RANKS))" --dry-run
 fi
 

@@ -179,3 +179,30 @@ def test_a_failed_run_creates_no_directory(tmp_path, strict):
     assert sorted(os.listdir(tmp_path)) == ["all_bad.jsonl"]
     preprocess([str(_bad_input(tmp_path))], str(prefix), progress=False)  # a good run does
     assert sorted(os.listdir(prefix.parent)) == ["o.bin", "o.idx", "o.meta.json"]
+
+
+def _hf_tokenizer_dir(tmp_path, eos):
+    """A tiny local Hugging Face tokenizer: tokenizer.json (+ tokenizer_config.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, "def": 2, "main": 3, "(": 4, ")": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}
+    if eos:
+        config["eos_token"] = "</s>"
+    (tmp_path / "tokenizer_config.json").write_text(__import__("json").dumps(config))
+    return tmp_path / "tokenizer.json"
+
+
+def test_a_local_huggingface_tokenizer_is_read_and_needs_an_eos(tmp_path):
+    """docs/data.md's huggingface example: the file (or its directory) with a
+    tokenizer_config.json that names the end-of-sequence token, used as EOD."""
+    pytest.importorskip("transformers")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "no_eos").mkdir()
+    tokenizer = build_tokenizer("huggingface", str(_hf_tokenizer_dir(tmp_path / "ok", True)))
+    assert tokenizer.eod == 1 and list(tokenizer.tokenize("def main ( )")) == [2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="an end-of-sequence token"):
+        build_tokenizer("huggingface", str(_hf_tokenizer_dir(tmp_path / "no_eos", False)))
