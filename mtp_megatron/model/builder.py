@@ -24,6 +24,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
+from mtp_megatron.model.moe import decoder_block_spec, moe_config_kwargs
 from mtp_megatron.runtime import mcore_compat
 
 
@@ -81,6 +82,7 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         **mcore_compat.mtp_config_kwargs(repeated_layer=mtp.mtp_use_repeated_layer,
                                          detach_heads=mtp.mtp_detach_heads),
         **_p2p_settings(cfg),
+        **moe_config_kwargs(cfg),
         **fp8,
     )
 
@@ -95,7 +97,12 @@ def _p2p_settings(cfg: RunConfig) -> dict:
     return {}
 
 
-def layer_spec(cfg: RunConfig, transformer_impl: str):
+def layer_spec(cfg: RunConfig, transformer_impl: str, tconfig: Optional[TransformerConfig] = None,
+               vp_stage: Optional[int] = None):
+    """The decoder's layer spec: one for every layer, or with --num-experts the block spec
+    of this (virtual) stage, MoE or dense per layer (``model/moe.py``)."""
+    if cfg.model.moe:
+        return decoder_block_spec(cfg, tconfig, transformer_impl, vp_stage)
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
@@ -113,7 +120,7 @@ def vocab_size_for(cfg: RunConfig, tokenizer_vocab: int) -> int:
 def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
                     vocab_size: int, vp_stage: Optional[int] = None) -> GPTModel:
     """One GPTModel chunk for this rank (and virtual stage), MTP block where it belongs."""
-    spec = layer_spec(cfg, transformer_impl)
+    spec = layer_spec(cfg, transformer_impl, tconfig, vp_stage)
     mtp_spec = None
     if cfg.mtp.enabled:
         mtp_spec = get_gpt_mtp_block_spec(

@@ -233,6 +233,9 @@ _CPU_TORCH_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # synchronize at save
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flags
     "megatron.core.timers",                               # --timing-log-level: synchronize
+    # Mixture of Experts (0.19; MoE is refused on 0.16, see check_config)
+    "megatron.core.transformer.moe.router",               # gating weight .to(current_device)
+    "megatron.core.transformer.moe.token_dispatcher",     # alltoall: device-to-host stream
 )
 
 
@@ -251,6 +254,19 @@ def cpu_bridge_tensor_cuda_callers() -> Tuple[str, ...]:
         "LanguageModule.setup_embeddings_and_output_layer",
         "megatron.core.optimizer.grad_scaler:DynamicGradScaler.load_state_dict",
     )
+
+
+def cpu_bridge_host_numpy_callers() -> Tuple[str, ...]:
+    """Names of megatron-core's ``maybe_move_tensor_to_cpu`` inside the modules that ask it
+    for host numpy split sizes (0.19's MoE alltoall token dispatcher)."""
+    return ("megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",)
+
+
+def cpu_bridge_eager_functions() -> Tuple[str, ...]:
+    """``torch.compile``'d megatron-core functions the CPU bridge runs uncompiled (0.19):
+    the aux-loss-free router's token counter, a cold compile of ~8 s per process on CPU
+    (measured with 0.19.2, torch 2.13) for one in-place vector addition."""
+    return ("megatron.core.transformer.moe.router:TopKRouter._apply_expert_bias",)
 
 
 def cpu_bridge_type_name_checkers() -> Tuple[str, ...]:
@@ -312,6 +328,8 @@ def check_config(cfg, found: Optional[str] = None) -> None:
     (the launcher calls it right after the config is parsed, ``--dry-run`` included).
 
     * a tested release (:func:`check_supported`);
+    * ``--num-experts`` (Mixture of Experts, expert parallelism): trained and tested on 0.19
+      only (its CPU bridge entries, metrics tracker and tests); refused on 0.16;
     * ``--mtp-use-repeated-layer`` / ``--mtp-detach-heads``: TransformerConfig fields since
       0.19; refused on 0.16;
     * FP8 + ``--recompute-granularity full`` + MTP: before 0.18 the MTP layers' gradients
@@ -323,6 +341,13 @@ def check_config(cfg, found: Optional[str] = None) -> None:
     found = installed_version() if found is None else found
     name = check_supported(found)
     mtp, train = cfg.mtp, cfg.training
+    if name != MAIN_LINE and cfg.model.num_experts is not None:
+        raise ConfigError(
+            "--num-experts", cfg.model.num_experts,
+            f"megatron-core {LINES[MAIN_LINE][0]} (Python 3.12)",
+            f"megatron-core {found} is installed; Mixture-of-Experts is trained and tested "
+            "on the main stack only (docs/moe.md)",
+        )
     if name == "0.19" or not mtp.enabled:
         return
     for flag, on in (("--mtp-use-repeated-layer", mtp.mtp_use_repeated_layer),

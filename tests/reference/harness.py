@@ -82,6 +82,8 @@ def _initialize_in_place(cfg, launch, _original=distributed.initialize):
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
         context_parallel_size=par.context_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_size,
     )
     distributed.set_seeds(cfg.training.seed)
     if torch.cuda.is_available():
