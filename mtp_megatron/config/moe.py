@@ -171,7 +171,9 @@ def check_parallel_moe(model, par) -> None:
     """Rules between the MoE shape and the expert-parallel split (``RunConfig`` calls it).
 
     Megatron's expert grid: the TP x CP x DP ranks of a pipeline stage are regrouped as
-    ETP x EP x expert-DP, so ETP x EP must divide them."""
+    ETP x EP x expert-DP, so ETP x EP must divide them. Without ``--world-size`` (a YAML
+    parsed alone) the data-parallel size is unknown: ``runtime/preflight.py`` checks it
+    again with the launcher's world size."""
     ep, etp = par.expert_model_parallel_size, par.expert_tensor_size
     if model.num_experts is None:
         for flag, value, default in (("--expert-model-parallel-size", ep, 1),
@@ -186,7 +188,7 @@ def check_parallel_moe(model, par) -> None:
         raise ConfigError("--expert-model-parallel-size", ep,
                           f"a divisor of --num-experts={model.num_experts}")
     stage = par.tensor_model_parallel_size * par.context_parallel_size * par.data_parallel_size
-    if stage % (ep * etp):
+    if par.world_size is not None and stage % (ep * etp):  # else preflight, with the launcher's
         raise ConfigError(
             "--expert-model-parallel-size", ep,
             f"a value with EP x ETP = {ep} x {etp} dividing the TP x CP x DP = {stage} ranks "

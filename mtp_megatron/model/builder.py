@@ -24,7 +24,8 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
-from mtp_megatron.model.moe import decoder_block_spec, moe_config_kwargs
+from mtp_megatron.model.local_norms import with_sequence_parallel_norms
+from mtp_megatron.model.moe import decoder_block_spec, mark_routed_experts, moe_config_kwargs
 from mtp_megatron.runtime import mcore_compat
 
 
@@ -127,6 +128,9 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
             tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
+    if cfg.model.moe and transformer_impl == "local" and cfg.parallel.sequence_parallel:
+        # MoE under TP needs sequence parallelism, which torch's norms refuse unmarked
+        spec, mtp_spec = with_sequence_parallel_norms(spec), with_sequence_parallel_norms(mtp_spec)
     with mcore_compat.gpt_model_deprecation_silenced():
         model = _gpt_model(cfg, tconfig, spec, mtp_spec, vocab_size, vp_stage)
     _drop_unused_output_weight(model)
@@ -195,6 +199,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     """
     # The MTP loss tracker is a process global: start each model with a clean one.
     mcore_compat.reset_mtp_tracker()
+    if cfg.model.moe:
+        mcore_compat.reset_moe_tracker()
     stages = cfg.virtual_pipeline_size or 1
     chunks = [
         build_gpt_chunk(cfg, tconfig, transformer_impl, vocab_size,
@@ -205,6 +211,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.to(device)
+        if cfg.model.moe:
+            mark_routed_experts(chunk)  # one optimizer structure for every EP (model/moe.py)
         if (tconfig.fp16 or tconfig.bf16) and mcore_compat.needs("float16_module"):
             chunk = Float16Module(tconfig, chunk)
         with mcore_compat.ddp_layout_notice_silenced():

@@ -9,12 +9,14 @@ type: an MoE layer with its own router and experts in the DeepSeek-V3 shape.
 
     kwargs = moe_config_kwargs(cfg)        # TransformerConfig fields (empty when dense)
     spec = decoder_block_spec(cfg, tconfig, "local", vp_stage=None)
+    mark_routed_experts(chunk)             # before DDP: experts in their own buffers
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 from mtp_megatron.config import RunConfig
@@ -55,3 +57,24 @@ def decoder_block_spec(cfg: RunConfig, tconfig, transformer_impl: str,
         tconfig, use_transformer_engine=transformer_impl == "transformer_engine",
         normalization=cfg.model.normalization, vp_stage=vp_stage,
     )
+
+
+def mark_routed_experts(model: torch.nn.Module) -> int:
+    """Mark every routed expert's parameter ``allreduce=False`` (megatron-core's "reduced
+    over the expert-data-parallel group" mark); returns how many were marked.
+
+    megatron-core marks them only with EP > 1 (or ETP != TP). With EP = 1 the experts are
+    then ordinary parameters: DDP reduces them with the dense ones and the optimizer is
+    one optimizer, while with EP > 1 it is a ``ChainedOptimizer`` of a dense and an expert
+    optimizer. The two save differently structured optimizer states, so an EP2 checkpoint
+    would not load into EP1 with its optimizer state (or back). Marked at EP = 1 too, the
+    experts always get their own buffers and optimizer; their gradients are still
+    reduced over the same ranks (the expert-data-parallel group is the data-parallel group
+    when EP = 1 and ETP = TP), so training is unchanged (tests/unit/test_moe_layouts.py).
+    """
+    marked = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name and getattr(param, "allreduce", True):
+            param.allreduce = False
+            marked += 1
+    return marked

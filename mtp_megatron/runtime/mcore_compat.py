@@ -205,6 +205,38 @@ def mtp_tracker_has_sums() -> bool:
     return ("loss_values" if _is_main() else "values") in MTPLossLoggingHelper.tracker
 
 
+# ----------------------------------------------------------------------------- MoE tracker
+
+def take_moe_balancing_losses(names, slots: int, device) -> "torch.Tensor":
+    """What megatron-core's MoE metrics tracker summed since it was last taken, on this
+    rank (not reduced): ``[len(names), slots]``, per tracker name (``load_balancing_loss``,
+    ``seq_load_balancing_loss``) and layer slot, zeros where this rank recorded nothing;
+    then the tracker is cleared.
+
+    0.19 only (``moe_logging.get_moe_metrics_tracker``; MoE is refused on 0.16 by
+    :func:`check_config`). Its own ``report()`` is not used: it averages with
+    ``ReduceOp.AVG``, which gloo does not have; ``training/moe_stats.py`` reduces.
+    """
+    import torch
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    out = torch.zeros(len(names), slots, dtype=torch.float64, device=device)
+    for row, name in enumerate(names):
+        entry = tracker.metrics.get(name)
+        if entry is not None:
+            out[row, :entry.values.numel()] = entry.values.to(out.dtype)
+    tracker.clear()
+    return out
+
+
+def reset_moe_tracker() -> None:
+    """Forget the MoE metrics tracker (a process global) before building a model."""
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
+
+
 # ----------------------------------------------------------------------------- CPU bridge
 
 # megatron-core modules whose own `torch` the CPU bridge replaces (runtime/cpu_bridge.py):

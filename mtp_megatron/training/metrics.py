@@ -67,6 +67,8 @@ class StepMetrics:
     stop_reason: Optional[str] = None
     # per-depth top-1 acceptance in training (megatron-core 0.19's tracker; None on 0.16)
     mtp_acceptance: Optional[List[float]] = None
+    # MoE: the window's balancing loss, tokens per expert, expert bias (training/moe_stats.py)
+    moe: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -111,11 +113,13 @@ class MetricsLogger:
             self._last_log_iteration = step.iteration - 1
         self.window.steps.append(step)
 
-    def log(self, losses=None, timings: Optional[Dict[str, float]] = None) -> Optional[str]:
+    def log(self, losses=None, timings: Optional[Dict[str, float]] = None,
+            moe: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Close the window: fill in its reduced losses, print and return the log line.
 
         ``losses``: a ``WindowLosses`` (per-step lm losses, window-mean MTP losses);
-        ``timings``: milliseconds per iteration by phase.
+        ``timings``: milliseconds per iteration by phase; ``moe``: the window's MoE
+        summary (``MoEStats.flush``).
         """
         if not self.enabled or not self.window.steps:
             self.window = _Window()
@@ -130,6 +134,8 @@ class MetricsLogger:
         if losses is not None and getattr(losses, "mtp_acceptance", None) is not None:
             for step in steps:
                 step.mtp_acceptance = list(losses.mtp_acceptance)
+        if moe is not None:
+            steps[-1].moe = dict(moe)
         line, row = self._summarise(timings or {})
         self.window = _Window()
         logger.info(line)
@@ -157,6 +163,7 @@ class MetricsLogger:
         accepted = [s.mtp_acceptance for s in steps if s.mtp_acceptance]
         for k in range(len(accepted[-1]) if accepted else 0):
             row[f"mtp_{k + 1} acceptance"] = accepted[-1][k]  # already the window's rate
+        row.update(_moe_row(steps[-1].moe))
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),
@@ -172,8 +179,8 @@ class MetricsLogger:
         row.update(peak_memory())
         parts = [f"iteration {it}/{self.train_iters}", self._progress(it)]
         for key, value in row.items():
-            if key in ("iteration", "tokens", "skipped", "TFLOP/s") or key.startswith("max ") \
-                    or value is None:
+            if key in ("iteration", "tokens", "skipped", "TFLOP/s") or value is None \
+                    or key.startswith(("max ", "moe ")):
                 continue
             if key.endswith("loss") or key == "lr":
                 parts.append(f"{key} {value:.6E}")
@@ -194,6 +201,17 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _moe_row(moe: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The MoE summary in log order: balancing loss, expert load, bias range, then the
+    per-layer tokens per expert (metrics.jsonl only)."""
+    if not moe:
+        return {}
+    first = ("load balancing loss", "expert load max/mean", "expert bias min", "expert bias max")
+    row = {k: moe[k] for k in first if k in moe}
+    row.update({k: v for k, v in moe.items() if k not in row})
+    return row
 
 
 def _hms(seconds: float) -> str:

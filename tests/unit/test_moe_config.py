@@ -157,3 +157,14 @@ def test_checkpoint_compat_names_a_changed_moe_shape(tmp_path):
     check_compatible(str(dense), _cfg(mtp_num_layers=1))
     with pytest.raises(CheckpointError, match="model.num_experts=None"):
         check_compatible(str(dense), _cfg(**DSV3))
+
+
+def test_without_a_world_size_the_expert_grid_is_checked_against_the_launch():
+    """A YAML parsed alone (no --world-size) cannot know DP: preflight checks EP then."""
+    from mtp_megatron.runtime.preflight import preflight
+
+    cfg = _cfg(None, num_experts=4, expert_model_parallel_size=2)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500"}
+    with pytest.raises(ConfigError, match="^--expert-model-parallel-size=2 .*= 1 ranks"):
+        preflight(cfg, env)
