@@ -58,6 +58,8 @@ LAYOUTS = {
                            expert_model_parallel_size=2), 4), ["softmax"]),
     "pp2_ep2": ((dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2), 4),
                 ["dsv3", "softmax"]),
+    "pp2_vpp2_ep2": ((dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                           num_layers_per_virtual_pipeline_stage=1), 4), ["dsv3"]),
 }
 
 
