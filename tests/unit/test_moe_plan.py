@@ -10,6 +10,7 @@ from mtp_megatron.model.counting import flops_per_token, model_params
 from mtp_megatron.plan import build_plan
 from mtp_megatron.plan.layout import expert_coord_of
 from mtp_megatron.plan.report import format_plan
+from mtp_megatron.runtime import mcore_compat
 
 H, V, E, K, F, S = 64, 512, 8, 2, 32, 48
 MOE = dict(num_layers=4, hidden_size=H, num_attention_heads=4, ffn_hidden_size=128,
@@ -104,12 +105,16 @@ def test_the_gpu_example_is_planned_and_fits(capsys):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(root, "examples", "dsv3_moe_gpu.yaml")
-    assert main(["--config", path, "--world-size", "64", "--dry-run",
-                 "--gpu-memory-gb", "80"]) == 0
-    out = capsys.readouterr().out
-    assert "EP 8 x ETP 1 x expert-DP 4, 8 experts of each MoE layer per rank" in out
-    assert "27 of 28 layers MoE; MTP layers MoE" in out
-    assert "DOES NOT FIT" not in out and "fits 80 GiB" in out
     cfg = build_config(read_yaml(path), None, 64)
+    code = main(["--config", path, "--world-size", "64", "--dry-run", "--gpu-memory-gb", "80"])
+    if mcore_compat.line() != mcore_compat.MAIN_LINE:  # the 0.16 floor refuses MoE by name
+        assert code == 2 and "--num-experts=64" in capsys.readouterr().err
+    else:
+        assert code == 0
+        out = capsys.readouterr().out
+        assert "EP 8 x ETP 1 x expert-DP 4, 8 experts of each MoE layer per rank" in out
+        assert "27 of 28 layers MoE; MTP layers MoE" in out
+    text = format_plan(build_plan(cfg, gpu_memory_gb=80))
+    assert "DOES NOT FIT" not in text and "fits 80 GiB" in text
     counts = model_params(cfg, build_plan(cfg).vocab_size)
     assert 16e9 < counts["total"] < 18e9 and 2.5e9 < counts["active"] < 3.2e9
