@@ -29,6 +29,7 @@ from mtp_megatron.checkpoint.layout import CONFIG_NAME, CheckpointError
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 from mtp_megatron.config.fields import ConfigError
 from mtp_megatron.config.model import default_ffn_hidden_size
+from mtp_megatron.config.moe import layer_pattern, parse_layer_freq
 from mtp_megatron.config.mtp import MTPConfig, normalised_depth_weights
 
 logger = logging.getLogger("mtp_megatron")
@@ -38,7 +39,10 @@ SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "swiglu", "disable_bias_linear", "normalization",
               "untie_embeddings_and_output_weights", "position_embedding_type",
-              "make_vocab_size_divisible_by"),  # compared only without a saved row count
+              "make_vocab_size_divisible_by",  # compared only without a saved row count
+              "num_experts", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_layer_freq",
+              "moe_router_enable_expert_bias"),
     "mtp": ("mtp_num_layers",),
 }
 # Settings that decide the optimizer's state format: they may change on resume only
@@ -58,6 +62,15 @@ def _effective(section: str, key: str, values: Dict[str, Any]) -> Any:
     if section == "model" and key == "ffn_hidden_size":
         return values.get(key) or default_ffn_hidden_size(values.get("hidden_size") or 0,
                                                           bool(values.get("swiglu")))
+    if section == "model" and key.startswith("moe_") and values.get("num_experts") is None:
+        return None  # a dense model (or one saved before MoE existed): no MoE shape
+    if section == "model" and key == "moe_ffn_hidden_size":
+        return values.get(key) or _effective(section, "ffn_hidden_size", values)
+    if section == "model" and key == "moe_layer_freq":
+        freq = parse_layer_freq(values.get(key) or 1)
+        return list(layer_pattern(values.get("num_layers") or 0, freq))
+    if section == "model" and key == "moe_router_enable_expert_bias":
+        return bool(values.get(key))
     return values.get(key)
 
 

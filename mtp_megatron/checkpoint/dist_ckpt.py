@@ -195,6 +195,8 @@ def _load_optimizer(optimizer, state_dict) -> None:
         return
     subs = sub_optimizers(optimizer)
     parts = [state_dict] if len(subs) == 1 else list(state_dict)
+    if len(subs) > 1 and isinstance(state_dict, dict):  # {0: dense, 1: experts} (MoE)
+        parts = [part for _, part in sorted(state_dict.items())]
     for sub, part in zip(subs, parts):
         if not isinstance(sub, DistributedOptimizer):
             sub.load_state_dict(part)

@@ -14,6 +14,14 @@ from mtp_megatron.config.fields import (
     flag_of,
     option,
 )
+from mtp_megatron.config.moe import (
+    LOAD_BALANCING,
+    SCORE_FUNCTIONS,
+    LayerFreq,
+    check_model_moe,
+    layer_pattern,
+    parse_layer_freq,
+)
 
 POSITION_EMBEDDINGS = ("rope", "none", "learned_absolute")
 MTP_POSITION_EMBEDDINGS = ("rope", "none")
@@ -77,8 +85,63 @@ class ModelConfig:
         type=str, choices=ATTENTION_BACKENDS,
     )
 
+    # Mixture of Experts (Megatron-LM's flags; rules in config/moe.py, docs/moe.md)
+    num_experts: Optional[int] = option(
+        None, "Experts per MoE layer (omit: a dense model).", type=int
+    )
+    moe_ffn_hidden_size: Optional[int] = option(
+        None, "Width of each routed expert's MLP (default: the MLP width).", type=int
+    )
+    moe_router_topk: int = option(2, "Experts each token is routed to.", type=int)
+    moe_shared_expert_intermediate_size: Optional[int] = option(
+        None, "Total width of the shared experts every token passes through "
+        "(DeepSeek-V3: shared experts x expert width; omit: none).", type=int
+    )
+    moe_layer_freq: LayerFreq = option(
+        1, "Which layers are MoE: N (every N-th, from layer 0) or a 0/1 per layer, "
+        "e.g. \"[0]*1+[1]*3\" (first layer dense). The MTP layers copy the last layer's "
+        "type.", type=str,
+    )
+    moe_router_score_function: str = option(
+        "softmax", "Router scores: softmax or sigmoid (DeepSeek-V3).", type=str,
+        choices=SCORE_FUNCTIONS,
+    )
+    moe_router_pre_softmax: bool = option(
+        False, "Softmax over all experts before top-k (needed for --moe-router-topk 1 "
+        "with softmax).", type=bool,
+    )
+    moe_router_topk_scaling_factor: Optional[float] = option(
+        None, "Scale the routed experts' weights (DeepSeek-V3: routed_scaling_factor).",
+        type=float,
+    )
+    moe_router_num_groups: Optional[int] = option(
+        None, "Expert groups for group-limited routing (DeepSeek-V3: n_group).", type=int
+    )
+    moe_router_group_topk: Optional[int] = option(
+        None, "Groups each token may use (DeepSeek-V3: topk_group).", type=int
+    )
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", "Balancing loss: aux_loss (per micro-batch), seq_aux_loss (per "
+        "sequence) or none.", type=str, choices=LOAD_BALANCING,
+    )
+    moe_aux_loss_coeff: float = option(
+        0.0, "Weight of the balancing loss (0: logged only).", type=float
+    )
+    moe_router_enable_expert_bias: bool = option(
+        False, "Aux-loss-free balancing: a per-expert bias on the sigmoid scores, updated "
+        "from the tokens each expert got (DeepSeek-V3).", type=bool,
+    )
+    moe_router_bias_update_rate: float = option(
+        1e-3, "Step of the expert-bias update per optimizer step.", type=float
+    )
+    moe_grouped_gemm: bool = option(
+        False, "Grouped GEMM for the experts (Transformer Engine, GPU).", type=bool
+    )
+
     def __post_init__(self):
         check_types(self)
+        object.__setattr__(self, "moe_layer_freq", parse_layer_freq(self.moe_layer_freq))
+        check_model_moe(self)
         if self.transformer_impl == "local" and self.attention_backend in ("flash", "fused",
                                                                            "unfused"):
             raise ConfigError(
@@ -133,6 +196,22 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def moe_ffn_size(self) -> int:
+        """Each routed expert's MLP width: --moe-ffn-hidden-size, else the MLP width."""
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    @property
+    def moe_layers(self) -> tuple:
+        """1 (MoE) or 0 (dense) per decoder layer; all 0 for a dense model."""
+        if not self.moe:
+            return (0,) * self.num_layers
+        return layer_pattern(self.num_layers, self.moe_layer_freq)
 
 
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:

@@ -13,6 +13,7 @@ from mtp_megatron.config.fields import (
     flag_of,
     option,
 )
+from mtp_megatron.config.moe import DISPATCHERS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ class ParallelConfig:
         None, "Elements per DDP gradient bucket (default: megatron-core's, "
         "max(40M, 1M x DP) with overlap).", type=int,
     )
+    expert_model_parallel_size: int = option(
+        1, "Expert parallel size (EP): the experts of each MoE layer split over EP "
+        "data-parallel ranks.", type=int,
+    )
+    expert_tensor_parallel_size: Optional[int] = option(
+        None, "Tensor parallel size inside each expert (ETP; default: TP).", type=int
+    )
+    moe_token_dispatcher_type: str = option(
+        "allgather", "How tokens reach their experts' ranks: allgather or alltoall.",
+        type=str, choices=DISPATCHERS,
+    )
     world_size: Optional[int] = option(
         None, "World size (default: from the launcher; set it for --dry-run).", type=int
     )
@@ -56,6 +68,9 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "context_parallel_size"):
             check_int(flag_of(name), getattr(self, name), 1)
+        check_int("--expert-model-parallel-size", self.expert_model_parallel_size, 1)
+        check_int("--expert-tensor-parallel-size", self.expert_tensor_parallel_size, 1,
+                  allow_none=True)
         check_int("--num-layers-per-virtual-pipeline-stage",
                   self.num_layers_per_virtual_pipeline_stage, 1, allow_none=True)
         check_int("--world-size", self.world_size, 1, allow_none=True)
@@ -89,6 +104,18 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                 * self.context_parallel_size)
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP as built: --expert-tensor-parallel-size, else TP (Megatron-LM's default)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Replicas of each expert: the stage's TP x CP x DP ranks over ETP x EP."""
+        stage = self.tensor_model_parallel_size * self.context_parallel_size \
+            * self.data_parallel_size
+        return stage // (self.expert_tensor_size * self.expert_model_parallel_size)
 
     @property
     def data_parallel_size(self) -> int:

@@ -11,6 +11,7 @@ from mtp_megatron.config.data import DataConfig
 from mtp_megatron.config.fields import ConfigError
 from mtp_megatron.config.logs import LoggingConfig
 from mtp_megatron.config.model import MTP_POSITION_EMBEDDINGS, ModelConfig
+from mtp_megatron.config.moe import check_parallel_moe
 from mtp_megatron.config.mtp import MTPConfig
 from mtp_megatron.config.parallel import ParallelConfig
 from mtp_megatron.config.training import TrainingConfig
@@ -43,6 +44,7 @@ class RunConfig:
     def __post_init__(self):
         self._check_mtp()
         self._check_parallel_split()
+        check_parallel_moe(self.model, self.parallel)
         self._check_precision()
         self._check_recompute()
 

@@ -17,8 +17,11 @@ output_layer (untied only)              lm_head                     embed_out
 
 Which one: RMSNorm + SwiGLU + RoPE -> Llama (``attention_bias = mlp_bias = not
 --disable-bias-linear``, GQA through ``num_key_value_heads``); LayerNorm + GELU + RoPE with
-biases -> GPT-NeoX (``use_parallel_residual=False``, full rotary). :func:`for_model` raises
-:class:`HFError` naming the flags to change for anything else.
+biases -> GPT-NeoX (``use_parallel_residual=False``, full rotary); with ``--num-experts`` ->
+GLM-4.5's ``Glm4MoeForCausalLM`` (Llama's attention and dense layers, MoE layers in
+``hf/moe.py``, the MTP layers in the main weight files as GLM-4.5 and DeepSeek-V3 ship
+them). :func:`for_model` raises :class:`HFError` naming the flags to change for anything
+else.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ class Architecture:
     output: str
     layer_prefix: str  # HF decoder layer i (and MTP module k at i = num_layers + k)
     layer_rules: Tuple[Rule, ...]
+    # MoE architectures (GLM-4.5, DeepSeek-V3): MoE layers in hf/moe.py's names; the MTP
+    # layers live in the main weight files with their own embed_tokens and shared_head.head
+    # copies (what vLLM's and SGLang's MTP loaders and transformers' MtpModel read)
+    moe: bool = False
 
 
 LLAMA = Architecture(
@@ -83,7 +90,13 @@ GPT_NEOX = Architecture(
     ),
 )
 
-BY_MODEL_TYPE = {arch.model_type: arch for arch in (LLAMA, GPT_NEOX)}
+GLM4_MOE = Architecture(
+    name="glm4_moe", hf_class="Glm4MoeForCausalLM", model_type="glm4_moe",
+    embedding="model.embed_tokens", final_norm="model.norm", output="lm_head",
+    layer_prefix="model.layers.", layer_rules=LLAMA.layer_rules, moe=True,
+)
+
+BY_MODEL_TYPE = {arch.model_type: arch for arch in (LLAMA, GPT_NEOX, GLM4_MOE)}
 
 
 def for_model(model: ModelConfig) -> Architecture:
@@ -94,6 +107,9 @@ def for_model(model: ModelConfig) -> Architecture:
             "export here: Llama and GPT-NeoX use rotary embeddings (--position-embedding-type "
             "rope)"
         )
+    if model.moe:
+        check_glm4_moe(model)
+        return GLM4_MOE
     if model.normalization == "RMSNorm" and model.swiglu:
         return LLAMA
     if model.normalization == "LayerNorm" and not model.swiglu:
@@ -119,3 +135,39 @@ def for_model(model: ModelConfig) -> Architecture:
         "--normalization LayerNorm with --swiglu matches no Hugging Face class: use "
         "--normalization RMSNorm (Llama) or drop --swiglu (GPT-NeoX)"
     )
+
+
+def dense_prefix(model: ModelConfig) -> int:
+    """How many leading decoder layers are dense (GLM-4.5's ``first_k_dense_replace``)."""
+    layers = model.moe_layers
+    return next((i for i, moe in enumerate(layers) if moe), len(layers))
+
+
+def check_glm4_moe(model: ModelConfig) -> None:
+    """What ``Glm4MoeForCausalLM`` cannot express, as HFError naming our flags."""
+    def refuse(why: str) -> HFError:
+        return HFError(f"no Hugging Face architecture expresses this MoE model: {why}")
+
+    if model.normalization != "RMSNorm" or not model.swiglu:
+        raise refuse("GLM-4.5 has RMSNorm and SwiGLU experts (--normalization RMSNorm --swiglu)")
+    if not model.disable_bias_linear:
+        raise refuse("GLM-4.5's linear layers have no bias (its attention_bias is q/k/v "
+                     "only): train with --disable-bias-linear")
+    if model.moe_router_score_function != "sigmoid":
+        raise refuse(f"--moe-router-score-function {model.moe_router_score_function}: GLM-4.5 "
+                     "and DeepSeek-V3 route with sigmoid scores (noaux_tc)")
+    first = dense_prefix(model)
+    if any(not moe for moe in model.moe_layers[first:]):
+        raise refuse(f"--moe-layer-freq {model.moe_layer_freq}: GLM-4.5 has dense layers "
+                     "first, then only MoE layers (first_k_dense_replace), e.g. "
+                     f"\"[0]*{first}+[1]*{model.num_layers - first}\"")
+    shared = model.moe_shared_expert_intermediate_size
+    if not shared or shared % model.moe_ffn_size:
+        raise refuse(f"--moe-shared-expert-intermediate-size={shared}: GLM-4.5 has "
+                     "n_shared_experts shared experts of --moe-ffn-hidden-size="
+                     f"{model.moe_ffn_size} each (a positive multiple of it)")
+    if model.moe_router_group_topk and model.moe_router_topk != 2 * model.moe_router_group_topk:
+        raise refuse(f"--moe-router-topk={model.moe_router_topk} with "
+                     f"--moe-router-group-topk={model.moe_router_group_topk}: GLM-4.5 and "
+                     "DeepSeek-V3 score a group by its top-2 experts, megatron-core by its "
+                     "top (topk / group-topk): they agree only when topk = 2 x group-topk")

@@ -1,4 +1,4 @@
-"""Our ``model:`` section <-> a Hugging Face ``config.json`` (Llama, GPT-NeoX).
+"""Our ``model:`` section <-> a Hugging Face ``config.json`` (Llama, GPT-NeoX, GLM-4.5 MoE).
 
     arch = for_model(cfg.model); kwargs = hf_config_kwargs(arch, cfg.model, vocab_size=V)
     arch, model_values = model_values_from_hf(AutoConfig.from_pretrained(hf_dir))
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from mtp_megatron.config import ModelConfig
-from mtp_megatron.hf.architectures import BY_MODEL_TYPE, LLAMA, Architecture
+from mtp_megatron.hf.architectures import BY_MODEL_TYPE, GLM4_MOE, LLAMA, Architecture, dense_prefix
 from mtp_megatron.hf.deps import HFError
 
 # Imported runs train on sequences of at most this length unless --seq-length says otherwise.
@@ -33,6 +33,8 @@ def hf_config_kwargs(arch: Architecture, model: ModelConfig, *, vocab_size: int
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
     )
     theta = float(model.rotary_base)
+    if arch is GLM4_MOE:
+        return dict(common, **glm4_moe_kwargs(model, theta))
     if arch is LLAMA:
         bias = not model.disable_bias_linear
         return dict(
@@ -50,10 +52,34 @@ def hf_config_kwargs(arch: Architecture, model: ModelConfig, *, vocab_size: int
     )
 
 
+def glm4_moe_kwargs(model: ModelConfig, theta: float) -> Dict[str, Any]:
+    """``Glm4MoeConfig`` fields of an MoE model (``architectures.check_glm4_moe`` passed):
+    megatron-core normalises the chosen sigmoid scores when top-k > 1 (norm_topk_prob),
+    rotates whole heads (partial_rotary_factor 1.0; GLM-4.5's default is 0.5), and scores
+    groups by their top-2 experts when topk = 2 x group-topk."""
+    return dict(
+        hidden_act="silu", num_key_value_heads=model.query_groups,
+        head_dim=model.hidden_size // model.num_attention_heads,
+        rms_norm_eps=model.norm_epsilon, attention_bias=False, use_qk_norm=False,
+        rope_parameters={"rope_type": "default", "rope_theta": theta,
+                         "partial_rotary_factor": 1.0},
+        n_routed_experts=model.num_experts, num_experts_per_tok=model.moe_router_topk,
+        moe_intermediate_size=model.moe_ffn_size,
+        n_shared_experts=model.moe_shared_expert_intermediate_size // model.moe_ffn_size,
+        first_k_dense_replace=dense_prefix(model),
+        routed_scaling_factor=float(model.moe_router_topk_scaling_factor or 1.0),
+        n_group=model.moe_router_num_groups or 1, topk_group=model.moe_router_group_topk or 1,
+        norm_topk_prob=model.moe_router_topk > 1,
+    )
+
+
 def legacy_config_keys(arch: Architecture, model: ModelConfig) -> Dict[str, Any]:
     """Keys older transformers releases (4.x) and serving engines read instead of
     ``rope_parameters``: without ``rotary_pct`` they would rotate a quarter of each
-    GPT-NeoX head (that class's default)."""
+    GPT-NeoX head (that class's default); vLLM reads GLM-4.5's top-level
+    ``partial_rotary_factor`` (default 0.5)."""
+    if arch is GLM4_MOE:
+        return {"rope_theta": float(model.rotary_base), "partial_rotary_factor": 1.0}
     if arch is LLAMA:
         return {"rope_theta": float(model.rotary_base)}
     return {"rotary_pct": 1.0, "rotary_emb_base": model.rotary_base}
@@ -103,9 +129,54 @@ def model_values_from_hf(hf_config, where: str = "config.json"
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         hidden_dropout=float(getattr(hf_config, "hidden_dropout", 0.0) or 0.0),
     )
+    if arch is GLM4_MOE:
+        return arch, dict(values, **_glm4_moe(hf_config, rope, where))
     if arch is LLAMA:
         return arch, dict(values, **_llama(hf_config, where))
     return arch, dict(values, **_gpt_neox(hf_config, rope, where))
+
+
+def _glm4_moe(hf_config, rope: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """A GLM-4.5 MoE config as our flags; what megatron-core cannot build is refused."""
+    if hf_config.hidden_act != "silu":
+        raise _refuse(where, "hidden_act", hf_config.hidden_act, "silu (SwiGLU)")
+    for key, need in (("attention_bias", "False (megatron-core's --disable-bias-linear "
+                                         "covers every linear, not q/k/v only)"),
+                      ("use_qk_norm", "False")):
+        if getattr(hf_config, key, False):
+            raise _refuse(where, key, True, need)
+    factor = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 0.5))
+    if factor != 1.0:
+        raise _refuse(where, "partial_rotary_factor", factor, "1.0 (whole heads rotated)")
+    topk, groups = hf_config.num_experts_per_tok, hf_config.n_group
+    if bool(hf_config.norm_topk_prob) != (topk > 1):
+        raise _refuse(where, "norm_topk_prob", hf_config.norm_topk_prob,
+                      f"{topk > 1} with num_experts_per_tok={topk} (megatron-core normalises "
+                      "the chosen sigmoid scores exactly when top-k > 1)")
+    if groups > 1 and topk != 2 * hf_config.topk_group:
+        raise _refuse(where, "topk_group", hf_config.topk_group,
+                      f"num_experts_per_tok / 2 = {topk / 2} (groups scored by their top-2)")
+    layers, dense = hf_config.num_hidden_layers, hf_config.first_k_dense_replace
+    groups_kw = dict(moe_router_num_groups=groups, moe_router_group_topk=hf_config.topk_group) \
+        if groups > 1 else {}
+    scaling = float(hf_config.routed_scaling_factor)
+    return dict(
+        _llama_norms(hf_config), swiglu=True, disable_bias_linear=True,
+        num_experts=hf_config.n_routed_experts, moe_router_topk=topk,
+        moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(
+            hf_config.moe_intermediate_size * hf_config.n_shared_experts or None),
+        moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=scaling if scaling != 1.0 else None,
+        moe_router_load_balancing_type="none", **groups_kw,
+    )
+
+
+def _llama_norms(hf_config) -> Dict[str, Any]:
+    groups = hf_config.num_key_value_heads or hf_config.num_attention_heads
+    return dict(normalization="RMSNorm", norm_epsilon=hf_config.rms_norm_eps,
+                num_query_groups=None if groups == hf_config.num_attention_heads else groups)
 
 
 def _llama(hf_config, where: str) -> Dict[str, Any]:

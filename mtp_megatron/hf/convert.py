@@ -9,7 +9,9 @@ MTP module ``k`` (0-based) is stored as DeepSeek-V3 stores its MTP layer: HF dec
 ``cat(enorm(emb), hnorm(h))``: megatron-core concatenates in the same order), the
 transformer layer under the decoder layer's own names, ``shared_head.norm`` (megatron-core's
 ``final_layernorm`` of the module) and, with untied embeddings, ``shared_head.head`` (a copy
-of the output layer, which the modules share).
+of the output layer, which the modules share). MoE architectures (GLM-4.5) always carry
+``shared_head.head`` and ``embed_tokens`` copies, as DeepSeek-V3's and GLM-4.5's checkpoints
+do, and their MoE layers convert in ``hf/moe.py``.
 
 The vocabulary: HF tensors have the text vocabulary ``V``; ours are padded to
 ``padded_vocab`` rows (``--make-vocab-size-divisible-by`` x TP). Padding rows are dropped on
@@ -26,6 +28,7 @@ import torch
 from mtp_megatron.hf.architectures import Architecture
 from mtp_megatron.hf.deps import HFError
 from mtp_megatron.hf.fused import merge_gate_up, merge_qkv, split_gate_up, split_qkv
+from mtp_megatron.hf.moe import is_moe_layer, moe_from_hf, moe_to_hf
 
 Tensors = Dict[str, torch.Tensor]
 PARAMS = ("weight", "bias")
@@ -52,6 +55,8 @@ class Shape:
     padded_vocab: int  # our rows
     mtp_layers: int = 0
     tied: bool = True
+    experts: int = 0  # routed experts per MoE layer (hf/moe.py)
+    expert_bias: bool = False  # our MoE routers keep an expert bias
 
 
 def normalize(state: Tensors) -> Tensors:
@@ -84,6 +89,8 @@ def _layer_to_hf(ours: Tensors, prefix: str, hf_prefix: str, arch: Architecture,
                 parts = (tensor,)
             for name, part in zip(rule.hf, parts):
                 out[f"{hf_prefix}{name}.{param}"] = part
+    if arch.moe and is_moe_layer(ours, prefix):
+        moe_to_hf(ours, prefix, hf_prefix, experts=shape.experts, out=out)
 
 
 def _layer_from_hf(hf: Tensors, hf_prefix: str, prefix: str, arch: Architecture,
@@ -102,6 +109,9 @@ def _layer_from_hf(hf: Tensors, hf_prefix: str, prefix: str, arch: Architecture,
             else:
                 tensor = parts[0]
             out[f"{prefix}{rule.ours}.{param}"] = tensor
+    if arch.moe and f"{hf_prefix}mlp.gate.weight" in hf:
+        moe_from_hf(hf, hf_prefix, prefix, experts=shape.experts, expert_bias=shape.expert_bias,
+                    out=out)
 
 
 def _params(state: Tensors, prefix: str) -> Tensors:
@@ -126,8 +136,11 @@ def to_hf(state: Tensors, arch: Architecture, shape: Shape) -> Tuple[Tensors, Te
             for p, t in _params(ours, ours_prefix + name).items():
                 mtp[f"{hf_prefix}{hf_name}.{p}"] = t
         _layer_to_hf(ours, ours_prefix + "transformer_layer.", hf_prefix, arch, shape, mtp)
-        if not shape.tied:
-            mtp[f"{hf_prefix}shared_head.head.weight"] = ours["output_layer.weight"][:v]
+        head = "embedding.word_embeddings.weight" if shape.tied else "output_layer.weight"
+        if not shape.tied or arch.moe:
+            mtp[f"{hf_prefix}shared_head.head.weight"] = ours[head][:v]
+        if arch.moe:  # DeepSeek-V3's layout: each MTP layer ships the embedding it reads
+            mtp[f"{hf_prefix}embed_tokens.weight"] = ours["embedding.word_embeddings.weight"][:v]
     return _own(main), _own(mtp)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from mtp_megatron.config import RunConfig, build_config
 from mtp_megatron.hf import files
-from mtp_megatron.hf.architectures import LLAMA, Architecture, for_model
+from mtp_megatron.hf.architectures import Architecture, for_model
 from mtp_megatron.hf.config_map import hf_config_kwargs, legacy_config_keys
 from mtp_megatron.hf.convert import Shape, to_hf
 from mtp_megatron.hf.deps import HFError, require
@@ -31,7 +31,8 @@ from mtp_megatron.runtime import mcore_compat
 logger = logging.getLogger("mtp_megatron")
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-CONFIG_CLASSES = {"llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig"}
+CONFIG_CLASSES = {"llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig",
+                  "glm4_moe": "Glm4MoeConfig"}
 
 
 @dataclass
@@ -49,6 +50,7 @@ def shape_of(cfg: RunConfig, *, vocab_size: int, padded_vocab: int) -> Shape:
         groups=model.query_groups, head_dim=model.hidden_size // model.num_attention_heads,
         vocab_size=vocab_size, padded_vocab=padded_vocab, mtp_layers=cfg.mtp.mtp_num_layers or 0,
         tied=not model.untie_embeddings_and_output_weights,
+        experts=model.num_experts or 0, expert_bias=model.moe_router_enable_expert_bias,
     )
 
 
@@ -60,8 +62,8 @@ def write_config(out: str, arch: Architecture, cfg: RunConfig, *, vocab_size: in
                  eos_id: int, bos_id, dtype: torch.dtype) -> None:
     transformers = require("transformers")
     kwargs = hf_config_kwargs(arch, cfg.model, vocab_size=vocab_size)
-    if cfg.mtp.enabled:
-        kwargs["num_nextn_predict_layers"] = cfg.mtp.mtp_num_layers
+    if cfg.mtp.enabled or arch.moe:  # (GLM-4.5's config defaults to one MTP layer)
+        kwargs["num_nextn_predict_layers"] = cfg.mtp.mtp_num_layers or 0
     hf_config = getattr(transformers, CONFIG_CLASSES[arch.name])(
         **kwargs, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None,
         dtype=_dtype_name(dtype),
@@ -143,9 +145,12 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     main, mtp = to_hf(state, arch, shape_of(cfg, vocab_size=vocab, padded_vocab=padded))
     os.makedirs(out, exist_ok=True)
     files.clear_weights(out)
+    if arch.moe:  # GLM-4.5 / DeepSeek-V3: MTP layers L.. in the main files, as they ship
+        main, mtp_file = {**main, **mtp}, None
     written = files.write_weights(main, out, max_shard_bytes=max_shard_bytes)
-    mtp_file = files.write_mtp(mtp, out, num_layers=cfg.model.num_layers,
-                               depth=cfg.mtp.mtp_num_layers or 0)
+    if not arch.moe:
+        mtp_file = files.write_mtp(mtp, out, num_layers=cfg.model.num_layers,
+                                   depth=cfg.mtp.mtp_num_layers or 0)
     written += [mtp_file] if mtp_file else []
     eos, bos = _special_ids(cfg, tokenizer, common_state(directory).get("hf_special_tokens"))
     dtype = state["embedding.word_embeddings.weight"].dtype
@@ -156,7 +161,7 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     elif cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.mock_data:
         shutil.copyfile(cfg.data.tokenizer_model, os.path.join(out, "tokenizer.model"))
         written.append("tokenizer.model")
-    kind = "Llama" if arch is LLAMA else "GPT-NeoX"
+    kind = {"llama": "Llama", "gpt_neox": "GPT-NeoX", "glm4_moe": "GLM-4.5 MoE"}[arch.name]
     logger.info("exported %s (%s, %d MTP tensors) to %s: %s", load, kind, len(mtp), out,
                 ", ".join(written))
     return ExportResult(out, arch.hf_class, written, sorted(mtp))

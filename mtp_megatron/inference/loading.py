@@ -34,6 +34,8 @@ SINGLE_RANK = {
     "context_parallel_size": 1,
     "sequence_parallel": False,
     "use_distributed_optimizer": False,
+    "expert_model_parallel_size": 1,
+    "expert_tensor_parallel_size": None,
     "world_size": 1,
 }
 

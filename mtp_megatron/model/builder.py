@@ -24,6 +24,8 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
+from mtp_megatron.model.local_norms import with_sequence_parallel_norms
+from mtp_megatron.model.moe import decoder_block_spec, mark_routed_experts, moe_config_kwargs
 from mtp_megatron.runtime import mcore_compat
 
 
@@ -81,6 +83,7 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         **mcore_compat.mtp_config_kwargs(repeated_layer=mtp.mtp_use_repeated_layer,
                                          detach_heads=mtp.mtp_detach_heads),
         **_p2p_settings(cfg),
+        **moe_config_kwargs(cfg),
         **fp8,
     )
 
@@ -95,7 +98,12 @@ def _p2p_settings(cfg: RunConfig) -> dict:
     return {}
 
 
-def layer_spec(cfg: RunConfig, transformer_impl: str):
+def layer_spec(cfg: RunConfig, transformer_impl: str, tconfig: Optional[TransformerConfig] = None,
+               vp_stage: Optional[int] = None):
+    """The decoder's layer spec: one for every layer, or with --num-experts the block spec
+    of this (virtual) stage, MoE or dense per layer (``model/moe.py``)."""
+    if cfg.model.moe:
+        return decoder_block_spec(cfg, tconfig, transformer_impl, vp_stage)
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
@@ -113,13 +121,16 @@ def vocab_size_for(cfg: RunConfig, tokenizer_vocab: int) -> int:
 def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: str,
                     vocab_size: int, vp_stage: Optional[int] = None) -> GPTModel:
     """One GPTModel chunk for this rank (and virtual stage), MTP block where it belongs."""
-    spec = layer_spec(cfg, transformer_impl)
+    spec = layer_spec(cfg, transformer_impl, tconfig, vp_stage)
     mtp_spec = None
     if cfg.mtp.enabled:
         mtp_spec = get_gpt_mtp_block_spec(
             tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
+    if cfg.model.moe and transformer_impl == "local" and cfg.parallel.sequence_parallel:
+        # MoE under TP needs sequence parallelism, which torch's norms refuse unmarked
+        spec, mtp_spec = with_sequence_parallel_norms(spec), with_sequence_parallel_norms(mtp_spec)
     with mcore_compat.gpt_model_deprecation_silenced():
         model = _gpt_model(cfg, tconfig, spec, mtp_spec, vocab_size, vp_stage)
     _drop_unused_output_weight(model)
@@ -188,6 +199,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     """
     # The MTP loss tracker is a process global: start each model with a clean one.
     mcore_compat.reset_mtp_tracker()
+    if cfg.model.moe:
+        mcore_compat.reset_moe_tracker()
     stages = cfg.virtual_pipeline_size or 1
     chunks = [
         build_gpt_chunk(cfg, tconfig, transformer_impl, vocab_size,
@@ -198,6 +211,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.to(device)
+        if cfg.model.moe:
+            mark_routed_experts(chunk)  # one optimizer structure for every EP (model/moe.py)
         if (tconfig.fp16 or tconfig.bf16) and mcore_compat.needs("float16_module"):
             chunk = Float16Module(tconfig, chunk)
         with mcore_compat.ddp_layout_notice_silenced():

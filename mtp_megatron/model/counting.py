@@ -6,12 +6,17 @@ tests check both against built megatron-core models.
 
 FLOPs are per token, forward = 2 x multiply-adds, training = 3 x forward; attention
 scores count the full s x s product (Megatron's convention, no causal discount).
+
+Mixture of Experts: an MoE layer holds a router (``E x h``), ``E`` routed experts of width
+``--moe-ffn-hidden-size`` and the shared experts (``--moe-shared-expert-intermediate-size``);
+a token passes the router, its top-k experts and the shared experts, so its FLOPs count
+the *active* experts only. The MTP layers have the last decoder layer's type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
 from mtp_megatron.config import RunConfig
 
@@ -29,6 +34,10 @@ class Sizes:
     norm: int  # parameters of one norm: weight (RMSNorm) or weight + bias (LayerNorm)
     learned_pos: bool
     max_pos: int
+    experts: int = 0  # routed experts per MoE layer (0: dense)
+    topk: int = 0
+    moe_ffn: int = 0
+    shared: int = 0  # total shared-expert width
 
 
 def sizes(cfg: RunConfig, vocab_size: int) -> Sizes:
@@ -40,32 +49,73 @@ def sizes(cfg: RunConfig, vocab_size: int) -> Sizes:
         swiglu=m.swiglu, norm=m.hidden_size * (1 if m.normalization == "RMSNorm" else 2),
         learned_pos=m.position_embedding_type == "learned_absolute",
         max_pos=m.max_position_embeddings or m.seq_length,
+        experts=m.num_experts or 0, topk=m.moe_router_topk if m.moe else 0,
+        moe_ffn=m.moe_ffn_size if m.moe else 0,
+        shared=m.moe_shared_expert_intermediate_size or 0,
     )
 
 
-def layer_matmul_params(s: Sizes) -> int:
-    """Weights of one transformer layer that take part in matmuls."""
-    qkv = s.h * (s.h + 2 * s.kv)
-    proj = s.h * s.h
-    fc1 = s.h * s.ffn * (2 if s.swiglu else 1)
-    fc2 = s.ffn * s.h
-    return qkv + proj + fc1 + fc2
+def attention_matmul_params(s: Sizes) -> int:
+    return s.h * (s.h + 2 * s.kv) + s.h * s.h  # QKV, output projection
+
+
+def mlp_matmul_params(s: Sizes, width: int) -> int:
+    """One MLP of ``width``: fc1 (two halves with SwiGLU) and fc2."""
+    return s.h * width * (2 if s.swiglu else 1) + width * s.h
+
+
+def layer_matmul_params(s: Sizes, moe: bool = False, active: bool = False) -> int:
+    """Weights of one transformer layer that take part in matmuls: dense, or MoE with all
+    experts (``active=False``) or a token's top-k (``active=True``)."""
+    if not moe:
+        return attention_matmul_params(s) + mlp_matmul_params(s, s.ffn)
+    experts = s.topk if active else s.experts
+    return (attention_matmul_params(s) + s.experts * s.h + experts * mlp_matmul_params(
+        s, s.moe_ffn) + (mlp_matmul_params(s, s.shared) if s.shared else 0))
+
+
+def layer_types(cfg: RunConfig) -> Dict[str, List[bool]]:
+    """MoE (True) or dense per decoder layer and per MTP layer (the last layer's type)."""
+    decoder = [bool(t) for t in cfg.model.moe_layers]
+    depth = cfg.mtp.mtp_num_layers if cfg.mtp.enabled else 0
+    return {"decoder": decoder, "mtp": [decoder[-1]] * depth}
+
+
+def model_params(cfg: RunConfig, vocab_size: int) -> Dict[str, int]:
+    """Matmul weights of the whole model (embedding and MTP included, norms not):
+    ``total`` held, ``active`` used per token (the same for a dense model)."""
+    s = sizes(cfg, vocab_size)
+    types = layer_types(cfg)
+    mtp_glue = 2 * s.h * s.h  # eh_proj per MTP layer
+    mtp_layers = 1 if cfg.mtp.mtp_use_repeated_layer and types["mtp"] else len(types["mtp"])
+    out = {}
+    for key, active in (("total", False), ("active", True)):
+        layers = [layer_matmul_params(s, moe, active) for moe in types["decoder"]]
+        layers += [layer_matmul_params(s, moe, active) + mtp_glue
+                   for moe in types["mtp"][:mtp_layers]]
+        head = 0 if not cfg.model.untie_embeddings_and_output_weights else s.vocab * s.h
+        out[key] = sum(layers) + s.vocab * s.h + head
+    return out
 
 
 def flops_per_token(cfg: RunConfig, vocab_size: int, *, with_mtp: bool = True) -> Dict[str, float]:
     """Training FLOPs per token (forward + backward), split by where they are spent."""
     s = sizes(cfg, vocab_size)
     attention = 2 * 2 * s.seq * s.h  # QK^T and AV, per token, per layer (forward)
-    layer = 2 * layer_matmul_params(s) + attention
+    types = layer_types(cfg)
+
+    def layer(moe: bool) -> float:  # a token's forward FLOPs: the active experts only
+        return 2 * layer_matmul_params(s, moe, active=True) + attention
+
     parts = {
-        "decoder": cfg.model.num_layers * layer,
+        "decoder": sum(layer(moe) for moe in types["decoder"]),
         "logits": 2 * s.h * s.vocab,
         "mtp_layers": 0.0,
         "eh_proj": 0.0,
         "mtp_logits": 0.0,
     }
     depth = cfg.mtp.mtp_num_layers if (with_mtp and cfg.mtp.enabled) else 0
-    parts["mtp_layers"] = depth * layer
+    parts["mtp_layers"] = sum(layer(moe) for moe in types["mtp"][:depth])
     parts["eh_proj"] = depth * 2 * (2 * s.h * s.h)
     parts["mtp_logits"] = depth * 2 * s.h * s.vocab
     parts = {k: 3.0 * v for k, v in parts.items()}

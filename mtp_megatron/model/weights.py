@@ -91,7 +91,9 @@ def _view_of(data: torch.Tensor, attr: Optional[str], params) -> Optional[torch.
     """``data`` itself, or the same view of its parameter's ``attr`` (e.g. main_grad)."""
     if attr is None:
         return data
-    param = params[data.untyped_storage().data_ptr()]
+    param = params.get(data.untyped_storage().data_ptr())
+    if param is None:  # a buffer (the MoE router's expert bias): no gradient
+        return None
     other = getattr(param, attr, None)
     if other is None:
         return None

@@ -44,6 +44,16 @@ def coord_of(cfg: RunConfig, rank: int) -> Coord:
                  pp=rank // (tp * cp * dp))
 
 
+def expert_coord_of(cfg: RunConfig, rank: int) -> Tuple[int, int, int]:
+    """A rank's ``(etp, ep, edp)``: megatron-core regroups each stage's TP x CP x DP ranks
+    for the experts in the order etp-ep-edp (ETP fastest)."""
+    par = cfg.parallel
+    tp, cp, dp, _ = _sizes(cfg)
+    etp, ep = par.expert_tensor_size, par.expert_model_parallel_size
+    inside = rank % (tp * cp * dp)
+    return inside % etp, inside // etp % ep, inside // (etp * ep)
+
+
 def rank_of(cfg: RunConfig, coord: Coord) -> int:
     tp, cp, dp, _ = _sizes(cfg)
     return coord.tp + tp * (coord.cp + cp * (coord.dp + dp * coord.pp))

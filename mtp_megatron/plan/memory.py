@@ -25,44 +25,77 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 from mtp_megatron.config import RunConfig
-from mtp_megatron.model.counting import Sizes, layer_matmul_params, sizes
+from mtp_megatron.model.counting import (
+    Sizes,
+    attention_matmul_params,
+    layer_types,
+    mlp_matmul_params,
+    sizes,
+)
+from mtp_megatron.plan.layout import chunk_layers
 
 GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class Shards:
-    """Parameters split over the TP ranks, and parameters every TP rank holds whole."""
+    """Parameters split over the TP ranks, parameters every TP rank holds whole, and the
+    routed experts' parameters, split over the ETP x EP ranks of a stage."""
 
     split: int
     replicated: int
+    experts: int = 0
 
-    def per_rank(self, tp: int) -> int:
-        return self.split // tp + self.replicated
+    def per_rank(self, tp: int, expert_split: int = 1) -> int:
+        return self.split // tp + self.replicated + self.experts // expert_split
 
     @property
     def whole(self) -> int:
-        return self.split + self.replicated
+        return self.split + self.replicated + self.experts
 
     def __mul__(self, n: int) -> "Shards":
-        return Shards(self.split * n, self.replicated * n)
+        return Shards(self.split * n, self.replicated * n, self.experts * n)
+
+    def __add__(self, other: "Shards") -> "Shards":
+        return Shards(self.split + other.split, self.replicated + other.replicated,
+                      self.experts + other.experts)
 
 
-def layer_shards(cfg: RunConfig, s: Sizes) -> Shards:
-    """One transformer layer."""
+def _mlp_shards(s: Sizes, width: int) -> Shards:
+    """A TP-split MLP of ``width``: fc1 and its bias by columns, fc2 by rows."""
     g = 2 if s.swiglu else 1
-    split = layer_matmul_params(s)
-    replicated = 2 * s.norm
+    split = mlp_matmul_params(s, width) + (width * g if s.bias else 0)
+    return Shards(split, s.h if s.bias else 0)  # fc2's (row-parallel) bias is whole
+
+
+def layer_shards(cfg: RunConfig, s: Sizes, moe: bool = False) -> Shards:
+    """One transformer layer, dense or MoE: attention, then the MLP, or the router
+    (whole on every TP rank), the routed experts (split over ETP x EP) and the shared
+    experts (split over TP)."""
+    g = 2 if s.swiglu else 1
+    attention = Shards(attention_matmul_params(s), 2 * s.norm)
     if s.bias:
-        split += (s.h + 2 * s.kv) + s.ffn * g
-        replicated += 2 * s.h  # the row-parallel biases: attention proj and fc2
-    return Shards(split, replicated)
+        attention += Shards(s.h + 2 * s.kv, s.h)  # QKV bias split, projection bias whole
+    if not moe:
+        return attention + _mlp_shards(s, s.ffn)
+    expert = mlp_matmul_params(s, s.moe_ffn) + ((s.moe_ffn * g + s.h) if s.bias else 0)
+    out = attention + Shards(0, s.experts * s.h, s.experts * expert)
+    return out + _mlp_shards(s, s.shared) if s.shared else out
 
 
-def mtp_shards(cfg: RunConfig, s: Sizes) -> Shards:
+def mtp_shards(cfg: RunConfig, s: Sizes, moe: bool = False) -> Shards:
     """One MTP module: enorm, hnorm, eh_proj (column-parallel, 2h -> h), a layer, a norm."""
-    layer = layer_shards(cfg, s)
-    return Shards(2 * s.h * s.h + layer.split, 3 * s.norm + layer.replicated)
+    return Shards(2 * s.h * s.h, 3 * s.norm) + layer_shards(cfg, s, moe)
+
+
+def _decoder_shards(cfg: RunConfig, s: Sizes, pp_rank: int) -> Shards:
+    """The decoder layers a stage holds (all its virtual chunks), dense or MoE each."""
+    types = layer_types(cfg)["decoder"]
+    total = Shards(0, 0)
+    for start, end in chunk_layers(cfg, pp_rank):
+        for moe in types[start:end]:
+            total += layer_shards(cfg, s, moe)
+    return total
 
 
 def stage_shards(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, Shards]:
@@ -79,11 +112,11 @@ def stage_shards(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, Sha
     # --mtp-use-repeated-layer: one MTP module's weights, run at every depth
     depth = (1 if cfg.mtp.mtp_use_repeated_layer else cfg.mtp.mtp_num_layers) if mtp_here else 0
     return {
-        "decoder": layer_shards(cfg, s) * (cfg.model.num_layers // pp),
+        "decoder": _decoder_shards(cfg, s, pp_rank),
         "embedding": embedding if (first or mtp_here) else none,
         "output": Shards(s.vocab * s.h, 0) if output else none,
         "final_norm": Shards(0, s.norm) if last else none,
-        "mtp": mtp_shards(cfg, s) * depth,
+        "mtp": mtp_shards(cfg, s, layer_types(cfg)["decoder"][-1]) * depth,
     }
 
 
@@ -95,10 +128,15 @@ def stage_params(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, int
 
 
 def rank_params(cfg: RunConfig, vocab_size: int, pp_rank: int) -> Dict[str, int]:
-    """Parameters on one rank of stage ``pp_rank`` (all TP ranks of a stage hold the same)."""
-    tp = cfg.parallel.tensor_model_parallel_size
-    parts = {k: v.per_rank(tp) for k, v in stage_shards(cfg, vocab_size, pp_rank).items()}
+    """Parameters on one rank of stage ``pp_rank`` (all ranks of a stage hold the same
+    count), by part, ``total``, and ``experts``: how many of them are routed experts'."""
+    par = cfg.parallel
+    tp, experts = par.tensor_model_parallel_size, par.expert_tensor_size * \
+        par.expert_model_parallel_size
+    shards = stage_shards(cfg, vocab_size, pp_rank)
+    parts = {k: v.per_rank(tp, experts) for k, v in shards.items()}
     parts["total"] = sum(parts.values())
+    parts["experts"] = sum(v.experts for v in shards.values()) // experts
     return parts
 
 
@@ -115,15 +153,20 @@ class StateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def state_bytes(cfg: RunConfig, params: int) -> StateBytes:
+def state_bytes(cfg: RunConfig, params: int, expert_params: int = 0) -> StateBytes:
+    """One rank's weights, gradients and Adam state for ``params`` parameters, of which
+    ``expert_params`` are routed experts' (their optimizer state is sharded over the
+    expert-data-parallel ranks, the others' over DP x CP)."""
     train, par = cfg.training, cfg.parallel
     half = train.bf16 or train.fp16
     optimizer_per_param = 8 + (4 if half else 0)  # Adam m, v (+ fp32 master weights)
-    optimizer = params * optimizer_per_param
+    dense = (params - expert_params) * optimizer_per_param
+    experts = expert_params * optimizer_per_param
     if par.use_distributed_optimizer:
-        shards = par.data_parallel_size * par.context_parallel_size
-        optimizer = -(-optimizer // shards)
-    return StateBytes(weights=params * (2 if half else 4), grads=params * 4, optimizer=optimizer)
+        dense = -(-dense // (par.data_parallel_size * par.context_parallel_size))
+        experts = -(-experts // par.expert_data_parallel_size)
+    return StateBytes(weights=params * (2 if half else 4), grads=params * 4,
+                      optimizer=dense + experts)
 
 
 def activation_dtype_bytes(cfg: RunConfig) -> int:
@@ -138,15 +181,25 @@ def fused_attention(cfg: RunConfig) -> bool:
     return cfg.model.transformer_impl != "local"
 
 
-def layer_activation_bytes_per_token(cfg: RunConfig, s: Sizes) -> float:
-    """Bytes one transformer layer saves for backward, per token, on one rank."""
+def layer_activation_bytes_per_token(cfg: RunConfig, s: Sizes, moe: bool = False) -> float:
+    """Bytes one transformer layer saves for backward, per token, on one rank.
+
+    An MoE layer keeps, instead of the MLP's: the router's fp32 scores (E), and per
+    routed copy of the token (top-k of them) the permuted expert input (h), the expert's
+    fc1 output and fc2 input; the shared experts as an MLP split by TP. On average a
+    rank's experts receive top-k copies of each of its own tokens, times ETP (gathered
+    over the expert-TP ranks) at 1/ETP of the width: ETP cancels out."""
     par, model = cfg.parallel, cfg.model
     tp = par.tensor_model_parallel_size
     act = activation_dtype_bytes(cfg)
     g = 2 if s.swiglu else 1
     seq_split = tp if par.sequence_parallel else 1
     sequence = act * 4 * s.h + (2 * s.h if model.hidden_dropout > 0 else 0)
-    split = act * ((s.h + 2 * s.kv) + s.h + s.ffn * g + s.ffn)
+    mlp = s.ffn * g + s.ffn
+    if moe:
+        mlp = (s.shared * g + s.shared) if s.shared else 0
+        sequence += 4 * s.experts + act * s.topk * (s.h + s.moe_ffn * g + s.moe_ffn)
+    split = act * ((s.h + 2 * s.kv) + s.h + mlp)
     if not fused_attention(cfg) and cfg.training.recompute_granularity != "selective":
         probs = s.heads * s.seq
         split += act * probs
@@ -162,8 +215,8 @@ def layer_input_bytes_per_token(cfg: RunConfig, s: Sizes) -> float:
     return activation_dtype_bytes(cfg) * s.h / seq_split
 
 
-def chunk_activation_bytes_per_token(cfg: RunConfig, s: Sizes, num_layers: int
-                                     ) -> Tuple[float, float]:
+def chunk_activation_bytes_per_token(cfg: RunConfig, s: Sizes, num_layers: int,
+                                     moe_layers: float = 0) -> Tuple[float, float]:
     """``(kept, transient)`` bytes per token for a chunk of ``num_layers`` layers.
 
     ``kept`` is held per in-flight micro-batch; ``transient`` once, while a recomputed
@@ -171,9 +224,13 @@ def chunk_activation_bytes_per_token(cfg: RunConfig, s: Sizes, num_layers: int
     input per group of ``--recompute-num-layers`` and re-runs a group at a time; block
     recomputes the first ``--recompute-num-layers`` layers (their inputs kept) and keeps
     the others whole. Selective is in :func:`layer_activation_bytes_per_token`.
+    ``moe_layers`` of the chunk's layers are MoE (an average layer is used for the mix).
     """
     train = cfg.training
     layer = layer_activation_bytes_per_token(cfg, s)
+    if moe_layers and num_layers:
+        moe = layer_activation_bytes_per_token(cfg, s, moe=True)
+        layer = (moe_layers * moe + (num_layers - moe_layers) * layer) / num_layers
     if train.recompute_granularity != "full" or num_layers == 0:
         return num_layers * layer, 0.0
     n = min(train.recompute_num_layers, num_layers)
@@ -193,7 +250,8 @@ def head_activation_bytes_per_token(cfg: RunConfig, s: Sizes, depth: int) -> Dic
     lm_head = act * 2 * s.h / seq_split + logits  # final norm input, output-layer input
     # enorm + hnorm inputs, eh_proj input (2h), final norm + output-layer inputs
     mtp_glue = act * 6 * s.h / seq_split
-    mtp_layer = mtp_glue + layer_activation_bytes_per_token(cfg, s)
+    mtp_layer = mtp_glue + layer_activation_bytes_per_token(
+        cfg, s, moe=layer_types(cfg)["decoder"][-1])
     train = cfg.training
     if depth and train.recompute_granularity == "full" and train.recompute_method == "uniform":
         # megatron-core 0.16.1 checkpoints each MTP layer (eh_proj + layer): it keeps the

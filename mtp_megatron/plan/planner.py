@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
-from mtp_megatron.model.counting import flops_per_token, sizes
+from mtp_megatron.model.counting import flops_per_token, layer_types, sizes
 from mtp_megatron.plan import memory
 from mtp_megatron.plan.layout import StageLayout, stage_layouts, world_size
 
@@ -100,15 +100,18 @@ def _activations(cfg: RunConfig, layout: StageLayout, vocab: int) -> Dict[str, f
     s = sizes(cfg, vocab)
     par = cfg.parallel
     tokens = cfg.training.micro_batch_size * cfg.model.seq_length / par.context_parallel_size
+    types = layer_types(cfg)["decoder"]
+    moe_layers = sum(sum(types[start:end]) for start, end in layout.layers)
     kept, transient = memory.chunk_activation_bytes_per_token(
-        cfg, s, layout.num_layers // len(layout.layers))
+        cfg, s, layout.num_layers // len(layout.layers), moe_layers / len(layout.layers))
     parts = {"decoder": kept * len(layout.layers)}
     if layout.pp_rank == par.pipeline_model_parallel_size - 1:
         depth = cfg.mtp.mtp_num_layers if cfg.mtp.enabled else 0
         parts.update(memory.head_activation_bytes_per_token(cfg, s, depth))
         if depth and cfg.training.recompute_granularity == "full" \
                 and cfg.training.recompute_method == "uniform":
-            transient = max(transient, memory.layer_activation_bytes_per_token(cfg, s))
+            transient = max(transient, memory.layer_activation_bytes_per_token(
+                cfg, s, moe=types[-1]))
     if transient:
         parts["recompute"] = transient  # one group re-run at a time, not per micro-batch
     return {name: per_token * tokens for name, per_token in parts.items()}
@@ -127,7 +130,7 @@ def _stage_plan(cfg: RunConfig, layout: StageLayout, vocab: int) -> StagePlan:
         layout=layout,
         stage_params=memory.stage_params(cfg, vocab, layout.pp_rank),
         rank_params=rank_params,
-        state=memory.state_bytes(cfg, rank_params["total"]),
+        state=memory.state_bytes(cfg, rank_params["total"], rank_params["experts"]),
         activations=acts,
         in_flight=in_flight,
         activation_peak=peak,

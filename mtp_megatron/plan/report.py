@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
-from mtp_megatron.plan.layout import coord_of, group_spans, span
+from mtp_megatron.model.counting import layer_types, model_params
+from mtp_megatron.plan.layout import coord_of, expert_coord_of, group_spans, span
 from mtp_megatron.plan.memory import GIB, fused_attention
 from mtp_megatron.plan.planner import Plan, StagePlan
 
@@ -54,11 +55,52 @@ def header(plan: Plan) -> List[str]:
         f"({m.query_groups} query groups), ffn {m.ffn_size}{' SwiGLU' if m.swiglu else ''}, "
         f"seq {m.seq_length}, vocab {plan.vocab_size} (padded), "
         f"{'untied' if m.untie_embeddings_and_output_weights else 'tied'} embeddings, {mtp}",
+    ] + _moe_header(plan) + [
         f"  batch: micro {train.micro_batch_size}, global {train.global_batch_size} "
         f"= {cfg.num_microbatches} micro-batches per DP rank per step; "
         f"{'bf16' if train.bf16 else 'fp16' if train.fp16 else 'fp32'}, "
         f"{'distributed' if par.use_distributed_optimizer else 'replicated'} optimizer"
         f"{', sequence parallel' if par.sequence_parallel else ''}",
+    ]
+
+
+def _moe_header(plan: Plan) -> List[str]:
+    cfg = plan.cfg
+    m, par = cfg.model, cfg.parallel
+    if not m.moe:
+        return []
+    types = layer_types(cfg)
+    mtp = ""
+    if types["mtp"]:
+        mtp = f"; MTP layers {'MoE' if types['mtp'][0] else 'dense'} (the last layer's type)"
+    shared = f", shared experts {m.moe_shared_expert_intermediate_size}" \
+        if m.moe_shared_expert_intermediate_size else ""
+    bias = ", aux-loss-free expert bias" if m.moe_router_enable_expert_bias else ""
+    return [
+        f"  MoE: {m.num_experts} experts, top-{m.moe_router_topk} ({m.moe_router_score_function}"
+        f"{bias}), expert ffn {m.moe_ffn_size}{shared}; {sum(types['decoder'])} of "
+        f"{m.num_layers} layers MoE{mtp}",
+        f"  experts: EP {par.expert_model_parallel_size} x ETP {par.expert_tensor_size} x "
+        f"expert-DP {par.expert_data_parallel_size}, "
+        f"{m.num_experts // par.expert_model_parallel_size} experts of each MoE layer per rank, "
+        f"{par.moe_token_dispatcher_type} dispatcher",
+    ]
+
+
+def _expert_groups(plan: Plan) -> List[str]:
+    cfg = plan.cfg
+    par = cfg.parallel
+    if not cfg.model.moe:
+        return []
+    etp, ep, edp = par.expert_tensor_size, par.expert_model_parallel_size, \
+        par.expert_data_parallel_size
+    per = cfg.model.num_experts // ep
+    members = ", ".join(str(e * etp) for e in range(min(ep, 4))) + (", ..." if ep > 4 else "")
+    return [
+        f"  EP groups: {ep} ranks {etp} apart within a stage ({members}); EP rank e holds "
+        f"experts {per}e to {per}e+{per - 1} of every MoE layer",
+        f"  expert-DP groups: {edp} ranks {etp * ep} apart (experts' gradients reduced and, "
+        "with --use-distributed-optimizer, their optimizer state sharded there)",
     ]
 
 
@@ -88,10 +130,15 @@ def rank_layout(plan: Plan) -> List[str]:
         copy = f" + a synchronised copy on stage {last.pp_rank}" if last.pp_rank else ""
         lines.append(f"  MTP layers: stage {last.pp_rank}, ranks "
                      f"{span(last.first_rank, last.last_rank)}; shared embedding: stage 0{copy}")
+    lines += _expert_groups(plan)
     if plan.world_size <= FULL_TABLE_MAX_RANKS:
         cells = [f"{r}:(dp{c.dp},pp{c.pp},tp{c.tp})"
                  for r, c in ((r, coord_of(plan.cfg, r)) for r in range(plan.world_size))]
-        lines.append("  rank -> (DP, PP, TP): " + " ".join(cells))
+        if plan.cfg.model.moe:
+            cells = [cell[:-1] + ",ep{1})".format(*expert_coord_of(plan.cfg, r))
+                     for r, cell in enumerate(cells)]
+        what = "(DP, PP, TP, EP)" if plan.cfg.model.moe else "(DP, PP, TP)"
+        lines.append(f"  rank -> {what}: " + " ".join(cells))
     return lines
 
 
@@ -108,6 +155,13 @@ def parameters(plan: Plan) -> List[str]:
     held = sum(s.stage_params["total"] for s in plan.stages)
     lines.append(f"  held over all stages: {held:,} ({_si(held)}); one model replica, "
                  "pipeline copies of shared weights included")
+    if plan.cfg.model.moe:
+        counts = model_params(plan.cfg, plan.vocab_size)
+        experts = max(s.rank_params["experts"] for s in plan.stages)
+        lines.append(f"  MoE: {_si(counts['total'])} parameters in total, "
+                     f"{_si(counts['active'])} active per token "
+                     f"({counts['active'] / counts['total']:.1%}; matmul weights and embedding, "
+                     f"MTP included); routed experts' share of a rank: up to {experts:,}")
     return lines
 
 
@@ -170,6 +224,9 @@ def flops(plan: Plan) -> List[str]:
     lines += _table(rows)
     extra = with_mtp["total"] / without["total"] - 1
     lines.append(f"  MTP adds {extra:.1%} FLOPs per token")
+    if plan.cfg.model.moe:
+        lines.append(f"  MoE layers count the router, the top-{plan.cfg.model.moe_router_topk} "
+                     "routed experts and the shared experts a token passes (active, not total)")
     tps = plan.tokens_per_second
     lines += [
         "", f"Throughput at MFU {plan.mfu:.2f} of {plan.peak_tflops:g} TFLOP/s per GPU "

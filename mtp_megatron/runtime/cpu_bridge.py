@@ -66,7 +66,21 @@ class _NullStream:
         return None
 
     def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+
+class _NullEvent:
+    """A recorded CUDA event stand-in (the MoE alltoall dispatcher synchronizes on one):
+    complete from the start."""
+
+    def synchronize(self):
         return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def query(self):
+        return True
 
 
 class _CpuCuda(types.ModuleType):
@@ -144,6 +158,20 @@ def _cuda_type_name(self, *args, **kwargs):
     if not args and not kwargs and self.device.type == "cpu" and ".cuda." not in name:
         return name.replace("torch.", "torch.cuda.", 1)
     return name
+
+
+def _numpy_on_host(fn):
+    """megatron-core's ``maybe_move_tensor_to_cpu`` that also gives a CPU tensor as numpy
+    when ``as_numpy`` is asked for (it does so for CUDA tensors only)."""
+
+    @functools.wraps(fn)
+    def wrapper(tensor, *args, **kwargs):
+        out = fn(tensor, *args, **kwargs)
+        if kwargs.get("as_numpy") and torch.is_tensor(out):
+            return out.numpy()
+        return out
+
+    return wrapper
 
 
 def _tensor_stays(self, *args, **kwargs):
@@ -229,6 +257,20 @@ def install() -> bool:
         for path in mcore_compat.cpu_bridge_type_name_checkers():
             owner, name = _resolve(path)
             _patch(owner, name, _scoped(getattr(owner, name), type=_cuda_type_name))
+
+        # The MoE alltoall dispatcher hands its split sizes to all_to_all_single, which
+        # takes a list of ints: megatron-core moves them to host numpy for CUDA tensors
+        # only, and a CPU tensor reaches all_to_all_single as a tensor (a TypeError).
+        for path in mcore_compat.cpu_bridge_host_numpy_callers():
+            owner, name = _resolve(path)
+            _patch(owner, name, _numpy_on_host(getattr(owner, name)))
+
+        # torch.compile'd bookkeeping (the aux-loss-free router's token counter) runs
+        # eagerly: a cold compile costs ~8 s per process on CPU for one vector addition.
+        for path in mcore_compat.cpu_bridge_eager_functions():
+            owner, name = _resolve(path)
+            compiled = owner.__dict__[name]
+            _patch(owner, name, getattr(compiled, "_torchdynamo_orig_callable", compiled))
 
         # The CUDA RNG tracker (model-parallel seeds, forked around dropout) stores and
         # swaps CUDA generator states; keep per-name CPU generator states instead.

@@ -75,6 +75,8 @@ def initialize(cfg: RunConfig, launch: LaunchEnv) -> torch.device:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
         context_parallel_size=par.context_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_size,
         distributed_timeout_minutes=par.distributed_timeout_minutes,
     )
     set_seeds(cfg.training.seed)

@@ -217,6 +217,38 @@ def mtp_tracker_has_sums() -> bool:
     return ("loss_values" if _is_main() else "values") in MTPLossLoggingHelper.tracker
 
 
+# ----------------------------------------------------------------------------- MoE tracker
+
+def take_moe_balancing_losses(names, slots: int, device) -> "torch.Tensor":
+    """What megatron-core's MoE metrics tracker summed since it was last taken, on this
+    rank (not reduced): ``[len(names), slots]``, per tracker name (``load_balancing_loss``,
+    ``seq_load_balancing_loss``) and layer slot, zeros where this rank recorded nothing;
+    then the tracker is cleared.
+
+    0.19 only (``moe_logging.get_moe_metrics_tracker``; MoE is refused on 0.16 by
+    :func:`check_config`). Its own ``report()`` is not used: it averages with
+    ``ReduceOp.AVG``, which gloo does not have; ``training/moe_stats.py`` reduces.
+    """
+    import torch
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    out = torch.zeros(len(names), slots, dtype=torch.float64, device=device)
+    for row, name in enumerate(names):
+        entry = tracker.metrics.get(name)
+        if entry is not None:
+            out[row, :entry.values.numel()] = entry.values.to(out.dtype)
+    tracker.clear()
+    return out
+
+
+def reset_moe_tracker() -> None:
+    """Forget the MoE metrics tracker (a process global) before building a model."""
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
+
+
 # ----------------------------------------------------------------------------- CPU bridge
 
 # megatron-core modules whose own `torch` the CPU bridge replaces (runtime/cpu_bridge.py):
@@ -245,6 +277,9 @@ _CPU_TORCH_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # synchronize at save
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flags
     "megatron.core.timers",                               # --timing-log-level: synchronize
+    # Mixture of Experts (0.19; MoE is refused on 0.16, see check_config)
+    "megatron.core.transformer.moe.router",               # gating weight .to(current_device)
+    "megatron.core.transformer.moe.token_dispatcher",     # alltoall: device-to-host stream
 )
 
 
@@ -263,6 +298,19 @@ def cpu_bridge_tensor_cuda_callers() -> Tuple[str, ...]:
         "LanguageModule.setup_embeddings_and_output_layer",
         "megatron.core.optimizer.grad_scaler:DynamicGradScaler.load_state_dict",
     )
+
+
+def cpu_bridge_host_numpy_callers() -> Tuple[str, ...]:
+    """Names of megatron-core's ``maybe_move_tensor_to_cpu`` inside the modules that ask it
+    for host numpy split sizes (0.19's MoE alltoall token dispatcher)."""
+    return ("megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",)
+
+
+def cpu_bridge_eager_functions() -> Tuple[str, ...]:
+    """``torch.compile``'d megatron-core functions the CPU bridge runs uncompiled (0.19):
+    the aux-loss-free router's token counter, a cold compile of ~8 s per process on CPU
+    (measured with 0.19.2, torch 2.13) for one in-place vector addition."""
+    return ("megatron.core.transformer.moe.router:TopKRouter._apply_expert_bias",)
 
 
 def cpu_bridge_type_name_checkers() -> Tuple[str, ...]:
@@ -324,6 +372,8 @@ def check_config(cfg, found: Optional[str] = None) -> None:
     (the launcher calls it right after the config is parsed, ``--dry-run`` included).
 
     * a tested release (:func:`check_supported`);
+    * ``--num-experts`` (Mixture of Experts, expert parallelism): trained and tested on 0.19
+      only (its CPU bridge entries, metrics tracker and tests); refused on 0.16;
     * ``--mtp-use-repeated-layer`` / ``--mtp-detach-heads``: TransformerConfig fields since
       0.19; refused on 0.16;
     * FP8 + ``--recompute-granularity full`` + MTP: before 0.18 the MTP layers' gradients
@@ -335,6 +385,13 @@ def check_config(cfg, found: Optional[str] = None) -> None:
     found = installed_version() if found is None else found
     name = check_supported(found)
     mtp, train = cfg.mtp, cfg.training
+    if name != MAIN_LINE and cfg.model.num_experts is not None:
+        raise ConfigError(
+            "--num-experts", cfg.model.num_experts,
+            f"megatron-core {LINES[MAIN_LINE][0]} (Python 3.12)",
+            f"megatron-core {found} is installed; Mixture-of-Experts is trained and tested "
+            "on the main stack only (docs/moe.md)",
+        )
     if name == "0.19" or not mtp.enabled:
         return
     for flag, on in (("--mtp-use-repeated-layer", mtp.mtp_use_repeated_layer),

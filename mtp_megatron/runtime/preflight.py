@@ -9,6 +9,7 @@ same clear message instead of one rank failing inside a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Tuple
@@ -16,6 +17,7 @@ from typing import Tuple
 import torch
 
 from mtp_megatron.config import ConfigError, RunConfig
+from mtp_megatron.config.moe import check_parallel_moe
 from mtp_megatron.runtime.accel import check_fp8_runtime, resolve_transformer_impl
 from mtp_megatron.runtime.launch_env import LaunchEnv, read_launch_env
 
@@ -24,6 +26,9 @@ def preflight(cfg: RunConfig, env=None) -> Tuple[LaunchEnv, str]:
     """Returns the launch environment and the layer implementation to build."""
     launch = read_launch_env(os.environ if env is None else env)
     _check_world_size(cfg, launch.world_size)
+    if cfg.parallel.world_size is None:  # the expert grid against the ranks launched
+        check_parallel_moe(cfg.model, dataclasses.replace(cfg.parallel,
+                                                          world_size=launch.world_size))
     # FP8 first: without a GPU or TE its message names --fp8-format and the cause. That
     # FP8 needs --transformer-impl transformer_engine (not local) is a pure rule: RunConfig.
     check_fp8_runtime(cfg.training.fp8_format, cfg.training.fp8_recipe)

@@ -71,6 +71,8 @@ class StepMetrics:
     mtp_acceptance: Optional[List[float]] = None
     # the MTP loss scaling factor this iteration trained with (its schedule's value)
     mtp_factor: Optional[float] = None
+    # MoE: the window's balancing loss, tokens per expert, expert bias (training/moe_stats.py)
+    moe: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -115,11 +117,13 @@ class MetricsLogger:
             self._last_log_iteration = step.iteration - 1
         self.window.steps.append(step)
 
-    def log(self, losses=None, timings: Optional[Dict[str, float]] = None) -> Optional[str]:
+    def log(self, losses=None, timings: Optional[Dict[str, float]] = None,
+            moe: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Close the window: fill in its reduced losses, print and return the log line.
 
         ``losses``: a ``WindowLosses`` (per-step lm losses, window-mean MTP losses);
-        ``timings``: milliseconds per iteration by phase.
+        ``timings``: milliseconds per iteration by phase; ``moe``: the window's MoE
+        summary (``MoEStats.flush``).
         """
         if not self.enabled or not self.window.steps:
             self.window = _Window()
@@ -134,6 +138,8 @@ class MetricsLogger:
         if losses is not None and getattr(losses, "mtp_acceptance", None) is not None:
             for step in steps:
                 step.mtp_acceptance = list(losses.mtp_acceptance)
+        if moe is not None:
+            steps[-1].moe = dict(moe)
         line, row = self._summarise(timings or {})
         self.window = _Window()
         logger.info(line)
@@ -163,6 +169,7 @@ class MetricsLogger:
             row[f"mtp_{k + 1} acceptance"] = accepted[-1][k]  # already the window's rate
         if steps[-1].mtp_factor is not None:
             row["mtp_factor"] = steps[-1].mtp_factor  # the logged iteration's
+        row.update(_moe_row(steps[-1].moe))
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),
@@ -178,8 +185,8 @@ class MetricsLogger:
         row.update(peak_memory())
         parts = [f"iteration {it}/{self.train_iters}", self._progress(it)]
         for key, value in row.items():
-            if key in ("iteration", "tokens", "skipped", "TFLOP/s") or key.startswith("max ") \
-                    or value is None:
+            if key in ("iteration", "tokens", "skipped", "TFLOP/s") or value is None \
+                    or key.startswith(("max ", "moe ")):
                 continue
             if key.endswith("loss") or key == "lr":
                 parts.append(f"{key} {value:.6E}")
@@ -202,6 +209,17 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _moe_row(moe: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The MoE summary in log order: balancing loss, expert load, bias range, then the
+    per-layer tokens per expert (metrics.jsonl only)."""
+    if not moe:
+        return {}
+    first = ("load balancing loss", "expert load max/mean", "expert bias min", "expert bias max")
+    row = {k: moe[k] for k in first if k in moe}
+    row.update({k: v for k, v in moe.items() if k not in row})
+    return row
 
 
 def _hms(seconds: float) -> str:

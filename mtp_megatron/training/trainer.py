@@ -47,6 +47,7 @@ from mtp_megatron.training.faults import (
 )
 from mtp_megatron.training.losses import LossWindow, forward_step, step_loss_sums
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics, peak_tflops_for
+from mtp_megatron.training.moe_stats import MoEStats
 from mtp_megatron.training.mtp_weighting import MTPWeighting
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 from mtp_megatron.training.progress import phase
@@ -83,6 +84,7 @@ class Trainer:
             params_dtype=params_dtype(cfg),
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
+        self.moe_stats = MoEStats.build(self.model, cfg, self.device)  # None when dense
         self._wire_model_config()
         # the MTP factor of each iteration and the depth weights (training/mtp_weighting.py)
         self.mtp_weighting = MTPWeighting.for_run(cfg, chunks=self.model, tconfig=self.tconfig,
@@ -276,12 +278,17 @@ class Trainer:
         window = self.losses.flush()
         step.lm_loss = window.lm[-1] if window.lm else None
         step.mtp_losses = window.mtp
+        if self.moe_stats is not None:
+            step.moe = self.moe_stats.flush(1, self.losses.num_microbatches)
         return step
 
     def _log_window(self) -> None:
         """Reduce the window's losses (every rank) and print the log line (last rank)."""
         losses = self.losses.flush()
-        self.metrics.log(losses, self.timers.per_iteration(losses.steps))
+        moe = None
+        if self.moe_stats is not None:
+            moe = self.moe_stats.flush(losses.steps, self.losses.num_microbatches)
+        self.metrics.log(losses, self.timers.per_iteration(losses.steps), moe=moe)
         if self.async_saver is not None:
             self.async_saver.poll()
 
@@ -354,6 +361,8 @@ class Trainer:
         return True
 
     def close(self) -> None:
+        if self.moe_stats is not None:
+            self.moe_stats.close()
         if self.async_saver is not None:
             self.async_saver.close()
         if hasattr(self.sampler, "close"):

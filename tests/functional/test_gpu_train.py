@@ -38,3 +38,31 @@ def test_nccl_data_parallel_when_two_gpus(tmp_path):
                  gpu=True)
     assert run.returncode == 0, run
     assert run.metrics()[-1]["lm loss"] < run.metrics()[0]["lm loss"]
+
+
+MOE_EXAMPLE = ["--config", "examples/dsv3_moe_tiny_cpu.yaml", "--train-iters", "20",
+               "--eval-iters", "0", "--bf16"]
+
+
+@pytest.mark.parametrize("impl,extra", [("local", []),
+                                        ("transformer_engine", ["--moe-grouped-gemm"])])
+def test_bf16_moe_mtp_trains_on_one_gpu(impl, extra, tmp_path):
+    """The DeepSeek-V3-shaped example (MoE MTP layer, expert bias) on the GPU: local
+    experts, and Transformer Engine's spec with grouped GEMMs (not testable on CPU)."""
+    if impl not in _impls():
+        pytest.skip("Transformer Engine is not installed")
+    run = launch(MOE_EXAMPLE + ["--transformer-impl", impl] + extra,
+                 output_dir=str(tmp_path), nproc=1, gpu=True)
+    assert run.returncode == 0, run
+    rows = run.metrics()
+    assert rows[-1]["lm loss"] < rows[0]["lm loss"] - 0.2
+    assert "mtp_1 loss" in rows[-1] and "expert bias max" in rows[-1]
+
+
+def test_moe_expert_parallel_on_two_gpus(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run = launch(MOE_EXAMPLE + ["--expert-model-parallel-size", "2"],
+                 output_dir=str(tmp_path), nproc=2, gpu=True)
+    assert run.returncode == 0, run
+    assert run.metrics()[-1]["lm loss"] < run.metrics()[0]["lm loss"]

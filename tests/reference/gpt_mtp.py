@@ -10,6 +10,7 @@ and computes, for a batch ``tokens, labels, loss_mask`` (``[b, s]``)::
                    h^k  = RMSNorm_k(TRM_k(h'))        (one transformer layer, then a norm)
                    mtp_k = masked mean of CE(OutHead(h^k_i), labels_{i+k}), mask_{i+k}
     objective      lm + factor * sum_k w_k mtp_k      (w_k = 1 / D unless depth_weights)
+                   (+ each MoE layer's balancing loss, tests/reference/moe.py)
 
 DeepSeek-V3 (arXiv:2412.19437, section 2.2, eqs. 21-25) shrinks the sequence by one
 position per depth; we do the same (positions ``i >= s - k`` have no target). Attention
@@ -33,6 +34,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from tests.reference.moe import MoEReference, moe_mlp
+
 Weights = Dict[str, torch.Tensor]
 
 
@@ -51,6 +54,7 @@ class ReferenceConfig:
     chain_normed_hidden: bool = True  # see the module docstring
     # w_1..w_D summing to 1 (--mtp-depth-weights, normalised); () = uniform, 1 / D each
     depth_weights: Tuple[float, ...] = ()
+    moe: Optional[MoEReference] = None  # MoE layers (tests/reference/moe.py)
 
     @property
     def head_dim(self) -> int:
@@ -105,10 +109,17 @@ def mlp(x: torch.Tensor, w: Weights, name: str, cfg: ReferenceConfig) -> torch.T
     return linear(h, w, f"{name}.linear_fc2")
 
 
-def transformer_layer(x: torch.Tensor, w: Weights, name: str, cfg: ReferenceConfig) -> torch.Tensor:
+def transformer_layer(x: torch.Tensor, w: Weights, name: str, cfg: ReferenceConfig,
+                      aux: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """One layer; an MoE layer appends its balancing loss (with its coefficient) to ``aux``."""
     normed = rms_norm(x, w[f"{name}.input_layernorm.weight"], cfg.eps)
     x = x + attention(normed, w, f"{name}.self_attention", cfg)
     normed = rms_norm(x, w[f"{name}.pre_mlp_layernorm.weight"], cfg.eps)
+    if cfg.moe is not None and cfg.moe.is_moe(name):
+        out, balancing = moe_mlp(normed, w, f"{name}.mlp", cfg.moe)
+        if balancing is not None and aux is not None:
+            aux.append(cfg.moe.aux_coeff * balancing)
+        return x + out
     return x + mlp(normed, w, f"{name}.mlp", cfg)
 
 
@@ -141,25 +152,31 @@ def forward(w: Weights, cfg: ReferenceConfig, tokens: torch.Tensor, labels: torc
     s = tokens.shape[1]
 
     x = F.embedding(tokens, emb)
+    aux: List[torch.Tensor] = []  # MoE balancing losses, coefficients applied
     for layer in range(cfg.num_layers):
-        x = transformer_layer(x, w, f"decoder.layers.{layer}", cfg)
+        x = transformer_layer(x, w, f"decoder.layers.{layer}", cfg, aux)
     hidden = rms_norm(x, w["decoder.final_layernorm.weight"], cfg.eps)
     lm_tokens, lm_sum, lm_count = masked_mean_ce(hidden @ head.t(), labels, loss_mask)
 
     sums, counts, mtp = [lm_sum], [lm_count], []
+    ids = tokens
     for k in range(1, cfg.mtp_num_layers + 1):
         name = f"mtp.layers.{k - 1}"
-        hidden = hidden[:, : s - k]                    # h^{k-1}_i for i < s - k
-        ahead = F.embedding(tokens[:, k:], emb)        # Emb(t_{i+k})
+        if cfg.moe is None:
+            hidden = hidden[:, : s - k]                # h^{k-1}_i for i < s - k
+            ahead = F.embedding(tokens[:, k:], emb)    # Emb(t_{i+k})
+        else:  # MoE: route the rolled-off tail too, as megatron-core does (moe.py)
+            ids = _roll(ids)
+            ahead = F.embedding(ids, emb)
         h = cfg.hidden_size
         proj = w[f"{name}.eh_proj.weight"]             # megatron order: [Emb; h]
         m_k = torch.cat([proj[:, h:], proj[:, :h]], dim=1)   # DeepSeek order: [h; Emb]
         combined = torch.cat([rms_norm(hidden, w[f"{name}.hnorm.weight"], cfg.eps),
                               rms_norm(ahead, w[f"{name}.enorm.weight"], cfg.eps)], dim=-1)
-        out = transformer_layer(combined @ m_k.t(), w, f"{name}.transformer_layer", cfg)
+        out = transformer_layer(combined @ m_k.t(), w, f"{name}.transformer_layer", cfg, aux)
         normed = rms_norm(out, w[f"{name}.final_layernorm.weight"], cfg.eps)
-        _, depth_sum, depth_count = masked_mean_ce(normed @ head.t(), labels[:, k:],
-                                                   loss_mask[:, k:])
+        _, depth_sum, depth_count = masked_mean_ce(normed[:, : s - k] @ head.t(),
+                                                   labels[:, k:], loss_mask[:, k:])
         sums.append(depth_sum)
         counts.append(depth_count)
         mtp.append(depth_sum / depth_count)
@@ -167,8 +184,18 @@ def forward(w: Weights, cfg: ReferenceConfig, tokens: torch.Tensor, labels: torc
 
     lm = lm_sum / lm_count
     objective = lm + sum(depth_scale(cfg, k) * m for k, m in enumerate(mtp, 1)) if mtp else lm
+    if aux:
+        objective = objective + sum(aux)
     return {"lm_tokens": lm_tokens, "lm": lm, "mtp": mtp, "sums": sums, "counts": counts,
-            "objective": objective}
+            "objective": objective, "aux": aux}
+
+
+def _roll(t: torch.Tensor) -> torch.Tensor:
+    """One position left along the sequence, the freed last position 0 (megatron-core's
+    ``roll_tensor``)."""
+    out = torch.roll(t, -1, dims=-1)
+    out[..., -1] = 0
+    return out
 
 
 def step_objective(w: Weights, cfg: ReferenceConfig, microbatches: List[Dict[str, torch.Tensor]],

@@ -19,6 +19,7 @@ from mtp_megatron.runtime import distributed
 from mtp_megatron.runtime.launch_env import read_launch_env
 from mtp_megatron.training.trainer import Trainer
 from tests.reference.gpt_mtp import ReferenceConfig
+from tests.reference.moe import MoEReference
 
 VOCAB = 128
 TINY = dict(
@@ -51,6 +52,21 @@ def reference_config(cfg, *, factor: Optional[float] = None,
         depth_weights=tuple(depth_weights),
         swiglu=cfg.model.swiglu,
         tied_embeddings=not cfg.model.untie_embeddings_and_output_weights,
+        moe=moe_reference(cfg),
+    )
+
+
+def moe_reference(cfg) -> Optional[MoEReference]:
+    m = cfg.model
+    if not m.moe:
+        return None
+    return MoEReference(
+        num_experts=m.num_experts, topk=m.moe_router_topk, layers=m.moe_layers,
+        score_function=m.moe_router_score_function, pre_softmax=m.moe_router_pre_softmax,
+        num_groups=m.moe_router_num_groups, group_topk=m.moe_router_group_topk,
+        scaling=m.moe_router_topk_scaling_factor,
+        balancing=m.moe_router_load_balancing_type, aux_coeff=m.moe_aux_loss_coeff,
+        shared=bool(m.moe_shared_expert_intermediate_size),
     )
 
 
@@ -86,6 +102,8 @@ def _initialize_in_place(cfg, launch, _original=distributed.initialize):
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
         context_parallel_size=par.context_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_size,
     )
     distributed.set_seeds(cfg.training.seed)
     if torch.cuda.is_available():

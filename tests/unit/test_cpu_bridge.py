@@ -115,6 +115,46 @@ def test_cuda_type_checks_pass_only_inside_the_wrapped_functions():
     assert "type" not in torch.Tensor.__dict__
 
 
+def test_recorded_events_are_complete():
+    """The MoE alltoall dispatcher synchronizes on an event its DtoH stream recorded."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    event = token_dispatcher.torch.cuda.Stream().record_event()
+    assert event.synchronize() is None and event.query() is True
+
+
+def test_moe_split_sizes_reach_all_to_all_as_host_numpy():
+    """all_to_all_single takes split sizes as a list of ints: megatron-core converts CUDA
+    tensors only; inside the dispatcher a CPU tensor is converted too."""
+    import numpy as np
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    sizes = torch.tensor([3, 5])
+    out = token_dispatcher.maybe_move_tensor_to_cpu(sizes, as_numpy=True, record_stream=False)
+    assert isinstance(out, np.ndarray) and out.tolist() == [3, 5]
+    assert token_dispatcher.maybe_move_tensor_to_cpu(sizes) is sizes
+    assert moe_utils.maybe_move_tensor_to_cpu(sizes, as_numpy=True) is sizes  # not patched
+
+
+def test_the_expert_bias_counter_runs_uncompiled_with_the_same_result():
+    """The aux-loss-free router's token counter runs eagerly (no cold torch.compile)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    counter = TopKRouter.__dict__["_apply_expert_bias"]
+    assert not hasattr(counter, "_torchdynamo_orig_callable")
+
+    class Router:
+        enable_expert_bias = True
+        local_tokens_per_expert = torch.zeros(3)
+
+    routing = torch.tensor([[True, False, True], [False, False, True]])
+    counter(Router, routing)
+    assert Router.local_tokens_per_expert.tolist() == [1.0, 0.0, 2.0]
+    with torch.no_grad():  # evaluation counts nothing
+        counter(Router, routing)
+    assert Router.local_tokens_per_expert.tolist() == [1.0, 0.0, 2.0]
+
+
 @pytest.mark.parametrize("version", ["0.15.3", "0.16.0", "0.17.0", "0.18.2", "0.19.1",
                                      "0.20.0", "1.0.0"])
 def test_other_megatron_core_versions_are_refused_by_name(version):
@@ -142,6 +182,11 @@ def test_uninstall_restores_megatron_core():
         assert mcore_random.CudaRNGStatesTracker is not cpu_bridge.CpuRNGStatesTracker
         assert mcore_random._get_cuda_rng_state is not cpu_bridge._no_cuda_rng_state
         assert clip_grads.clip_grad_by_total_norm_fp32 is not patched_clip
+        from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+        assert token_dispatcher.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu
+        assert hasattr(router.TopKRouter.__dict__["_apply_expert_bias"],
+                       "_torchdynamo_orig_callable")
         assert not hasattr(clip_grads.clip_grad_by_total_norm_fp32, "__wrapped_by_cpu_bridge__")
         with pytest.raises((RuntimeError, AssertionError)):
             schedules.torch.zeros(1, device="cuda")

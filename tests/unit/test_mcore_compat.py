@@ -174,7 +174,9 @@ def test_every_bridged_module_and_function_exists_in_this_release():
     for name in mcore_compat.cpu_bridge_modules():
         assert hasattr(importlib.import_module(name), "torch"), name
     for path in (mcore_compat.cpu_bridge_tensor_cuda_callers()
-                 + mcore_compat.cpu_bridge_type_name_checkers()):
+                 + mcore_compat.cpu_bridge_type_name_checkers()
+                 + mcore_compat.cpu_bridge_host_numpy_callers()
+                 + mcore_compat.cpu_bridge_eager_functions()):
         module, _, qualname = path.partition(":")
         owner = importlib.import_module(module)
         for part in qualname.split("."):
