@@ -20,7 +20,7 @@ PY=${MTP_PYTHON:-python}
 tp=$("$PY" - "$@" <<'PY' 2>/dev/null || echo 1
 import sys
 from mtp_megatron.config import load_config
-print(load_config(sys.argv[1:], {})[0].parallel.tensor_model_parallel_size)
+print(load_config(sys.argv[1:])[0].parallel.tensor_model_parallel_size)
 PY
 )
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)

@@ -62,7 +62,8 @@ def _load_into_ep1(rank, world_size, root, checkpoints):
         states = [s for sub in getattr(trainer.optimizer, "chained_optimizers",
                                        [trainer.optimizer]) for s in sub.optimizer.state.values()]
         moments = sum(float(s["exp_avg_sq"].abs().sum()) for s in states if "exp_avg_sq" in s)
-        history = trainer.train()
+        history = []
+        trainer.train(on_step=history.append)
         trainer.metrics.close()
         out[name] = {"iteration_loaded": history[0].iteration - 1, "biases": biases,
                      "moments": moments, "losses": {s.iteration: s.lm_loss for s in history}}

@@ -60,7 +60,7 @@ def test_the_resolved_layer_pattern_round_trips_through_the_saved_yaml(tmp_path)
     path = tmp_path / "config.yaml"
     save_config(cfg, str(path))
     assert yaml.safe_load(path.read_text())["model"]["moe_layer_freq"] == [0, 1, 1, 1]
-    again, _ = load_config(["--config", str(path)], {})
+    again, _ = load_config(["--config", str(path)])
     assert again == cfg
 
 
