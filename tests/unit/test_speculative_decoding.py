@@ -128,10 +128,10 @@ def test_drafts_are_the_full_mtp_forward(random_runner, monkeypatch):
     model, seen = random_runner.model, []
     original = decoding._MTPDrafter.draft
 
-    def recording(self, committed, k, stats):
-        drafts = original(self, committed, k, stats)
-        seen.append((list(committed), drafts))
-        return drafts
+    def recording(self, committed, k, sampling, stats):
+        drafts, q = original(self, committed, k, sampling, stats)
+        seen.append((list(committed[0]), drafts[0].tolist()))
+        return drafts, q
 
     monkeypatch.setattr(decoding._MTPDrafter, "draft", recording)
     generate(random_runner, [5, 17, 3, 90, 44], max_new_tokens=12, draft_depth=2)
