@@ -7,9 +7,10 @@ tokens per sequence and costs ``T_verify(k + 1) + k T_draft`` (one main forward 
 ``k + 1`` tokens, one forward per MTP depth). :class:`DraftController` picks the ``k``
 with the most tokens per second, ``E_k / cost_k``:
 
-* acceptances are decayed counts (recent steps weigh more; ``DECAY`` per step), started
-  from an even prior, so a checkpoint whose heads are near random stops drafting
-  after a few steps and a good one drafts as deep as it can;
+* acceptances are decayed counts (each step that compares a draft position ages that
+  position's older counts by ``DECAY``), started from an even prior, so a checkpoint
+  whose heads are near random stops drafting after a few steps and a good one drafts
+  as deep as it can;
 * costs are running means of the measured forwards (wall time), with a prior guess
   (an MTP depth a quarter of a main forward, each verified token 5% more) until
   measured;
@@ -100,12 +101,10 @@ class DraftController:
     def record(self, k: int, reached: Sequence[int], accepted: Sequence[int]) -> None:
         """One step's counts over the batch: per draft position, rows that compared it
         (all earlier drafts accepted) and rows that accepted it."""
-        for i in range(self.max_depth):
-            self.hits[i] *= DECAY
-            self.trials[i] *= DECAY
         for i in range(k):
-            self.hits[i] += accepted[i]
-            self.trials[i] += reached[i]
+            if reached[i]:  # only new evidence ages the old (an undrafted depth keeps it)
+                self.hits[i] = DECAY * self.hits[i] + accepted[i]
+                self.trials[i] = DECAY * self.trials[i] + reached[i]
         if self.probing and k:
             deepest = k - 1
             won = reached[deepest] and accepted[deepest] / reached[deepest] > 0.5

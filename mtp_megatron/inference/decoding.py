@@ -39,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from mtp_megatron.inference.controller import DraftController
+from mtp_megatron.inference.ragged import Ragged
 from mtp_megatron.inference.runner import KVCachedRunner
 from mtp_megatron.inference.sampling import Sampling, accept_greedy, accept_sampled
 from mtp_megatron.inference.stats import DecodeStats
@@ -61,17 +62,17 @@ class _MTPDrafter:
     def __init__(self, runner: KVCachedRunner, batch: int):
         self.runner = runner
         self.depth = runner.num_mtp_layers
-        # pending[d][r]: depth-d hidden states [m, h] of row r not yet fed to depth d+1
-        # (d = 0: the main model's).
-        self.pending: List[List[Optional[torch.Tensor]]] = [
-            [None] * batch for _ in range(self.depth + 1)]
+        # pending[d]: per row, the depth-d hidden states not yet fed to depth d+1
+        # (d = 0: the main model's), for positions [cached(d+1), ...).
+        self.pending: List[Optional[Ragged]] = [None] * (self.depth + 1)
 
-    def add_main_hidden(self, pieces: Sequence[torch.Tensor]) -> None:
-        self.pending[0] = [p if old is None else torch.cat([old, p])
-                           for old, p in zip(self.pending[0], pieces)]
+    def add_main_hidden(self, hidden: torch.Tensor, counts: Sequence[int]) -> None:
+        """Row ``r``'s new main-model hidden states are ``hidden[:counts[r], r]``."""
+        old = self.pending[0]
+        self.pending[0] = Ragged.of(hidden, counts) if old is None else old.append(hidden, counts)
 
     def keep_rows(self, rows: Sequence[int]) -> None:
-        self.pending = [[level[r] for r in rows] for level in self.pending]
+        self.pending = [None if p is None else p.select(rows) for p in self.pending]
 
     def draft(self, committed: Sequence[List[int]], k: int, sampling: Sampling,
               stats: DecodeStats) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -79,14 +80,19 @@ class _MTPDrafter:
         tokens [batch, k] and, when sampling, their distributions q [batch, k, V]."""
         n = [len(c) - 1 for c in committed]
         batch = len(committed)
+        self.caught_up = False  # a depth fed rows it had skipped (not a typical step's cost)
         drafts: List[List[int]] = [[] for _ in range(batch)]
         dists = []
-        inputs = self.pending[0]  # per row: depth-0 rows for positions [cached(1), n)
+        inputs = self.pending[0]  # depth-0 rows for positions [cached(1), n) of each row
         for d in range(1, k + 1):
             start = self.runner.cached(d)
             tokens = [(committed[r] + drafts[r])[start[r] + d: n[r] + d] for r in range(batch)]
             counts = [len(t) for t in tokens]
-            out = self.runner.mtp(d, _stack(inputs, counts), tokens)
+            if inputs is None or inputs.counts != counts:
+                raise RuntimeError(f"MTP bookkeeping out of step at depth {d}: "
+                                   f"{None if inputs is None else inputs.counts} != {counts}")
+            self.caught_up |= max(counts) > self.depth + 1
+            out = self.runner.mtp(d, inputs.data[: max(counts)], tokens)
             stats.mtp_forwards += batch
             last = out[torch.tensor(counts, device=out.device) - 1,
                        torch.arange(batch, device=out.device)]
@@ -100,45 +106,26 @@ class _MTPDrafter:
                 drafts[r].append(token)
             inputs = self._keep_for_later(d, k, out, counts, n)
         if k:
-            self.pending[0] = [None] * batch  # depth 1 now has a row for every main row
+            self.pending[0] = None  # depth 1 now has a row for every main row
         tokens = torch.tensor(drafts, dtype=torch.long, device=self.runner.device)
         return tokens.view(batch, k), (torch.stack(dists, dim=1) if dists else None)
 
     def _keep_for_later(self, d: int, k: int, out: torch.Tensor, counts: List[int],
-                        n: List[int]) -> List[torch.Tensor]:
+                        n: List[int]) -> Ragged:
         """Depth ``d``'s rows for the next depth now (returned), the ones it will need
         later (``pending[d]``), and depth ``d``'s cache cut to committed inputs."""
-        after = self.runner.cached(d + 1) if d < self.depth else None
-        inputs, keeps = [], []
-        for r, count in enumerate(counts):
-            rows = out[:count, r]
-            full = rows if self.pending[d][r] is None else torch.cat([self.pending[d][r], rows])
-            first = n[r] - full.size(0)  # depth-d rows cover positions [first, n)
-            keep = max(0, n[r] - d + 1)  # rows whose input token is committed (j + d <= n)
-            inputs.append(full)
-            keeps.append(keep)
-            if after is None:
-                self.pending[d][r] = None
-                continue
+        old = self.pending[d]
+        full = Ragged.of(out, counts) if old is None else old.append(out, counts)
+        first = [m - c for m, c in zip(n, full.counts)]  # rows cover positions [first, n)
+        keep = [max(0, m - d + 1) for m in n]  # rows whose input token is committed
+        if d < self.depth:
             # Depth d+1 next starts at its committed end n - d if it drafts now, else
             # where its cache stands.
-            nxt = max(0, n[r] - d) if d < k else after[r]
-            self.pending[d][r] = full[nxt - first: keep - first]
-        self.runner.truncate(d, keeps)
-        return inputs
-
-
-def _stack(pieces: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
-    """Per-row [m_r, h] pieces as one [max m, batch, h] tensor (zero padding)."""
-    for piece, count in zip(pieces, counts):
-        if piece is None or piece.size(0) != count:
-            raise RuntimeError("MTP bookkeeping out of step: "
-                               f"{None if piece is None else piece.size(0)} rows for {count}")
-    width = max(counts)
-    out = pieces[0].new_zeros(width, len(pieces), pieces[0].size(-1))
-    for r, piece in enumerate(pieces):
-        out[: piece.size(0), r] = piece.reshape(piece.size(0), -1)
-    return out
+            nxt = [max(0, m - d) for m in n] if d < k else self.runner.cached(d + 1)
+            self.pending[d] = full.slice([a - f for a, f in zip(nxt, first)],
+                                         [b - f for b, f in zip(keep, first)])
+        self.runner.truncate(d, keep)
+        return full
 
 
 def generate(runner: KVCachedRunner, prompt: List[int], *, max_new_tokens: int,
@@ -226,7 +213,7 @@ class _Loop:
         self.stats.main_forwards += len(self.prompts)
         self.stats.batch_forwards += 1
         if self.drafter:
-            self.drafter.add_main_hidden([hidden[:n, r] for r, n in enumerate(lengths)])
+            self.drafter.add_main_hidden(hidden, lengths)
         self._commit([[t] for t in first])
 
     def step(self) -> None:
@@ -238,7 +225,8 @@ class _Loop:
         if k:
             with self.stats.timed("draft") as clock:
                 drafts, q = self.drafter.draft(live, k, self.sampling, self.stats)
-            self.controller.timed("draft", 1, clock.seconds / k)
+            if not self.drafter.caught_up:
+                self.controller.timed("draft", 1, clock.seconds / k)
         with self.stats.timed("verify") as clock:
             n = [len(c) - 1 for c in live]
             draft_rows = drafts.tolist()
@@ -257,7 +245,7 @@ class _Loop:
         self.stats.main_forwards += len(live)
         self.stats.batch_forwards += 1
         if self.drafter:
-            self.drafter.add_main_hidden([hidden[: a + 1, r] for r, a in enumerate(accepted)])
+            self.drafter.add_main_hidden(hidden, [a + 1 for a in accepted])
         reached, hits = self.stats.record_batch(k, accepted)
         self.controller.record(k, reached, hits)
         self._commit(new)
