@@ -111,11 +111,13 @@ class MetricsLogger:
             self._last_log_iteration = step.iteration - 1
         self.window.steps.append(step)
 
-    def log(self, losses=None, timings: Optional[Dict[str, float]] = None) -> Optional[str]:
+    def log(self, losses=None, timings: Optional[Dict[str, float]] = None,
+            extra: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Close the window: fill in its reduced losses, print and return the log line.
 
         ``losses``: a ``WindowLosses`` (per-step lm losses, window-mean MTP losses);
-        ``timings``: milliseconds per iteration by phase.
+        ``timings``: milliseconds per iteration by phase; ``extra``: more window values
+        for the line and the row, after the losses (``--mtp-self-distill``'s).
         """
         if not self.enabled or not self.window.steps:
             self.window = _Window()
@@ -130,7 +132,7 @@ class MetricsLogger:
         if losses is not None and getattr(losses, "mtp_acceptance", None) is not None:
             for step in steps:
                 step.mtp_acceptance = list(losses.mtp_acceptance)
-        line, row = self._summarise(timings or {})
+        line, row = self._summarise(timings or {}, extra or {})
         self.window = _Window()
         logger.info(line)
         self.writer.write(row)
@@ -144,7 +146,7 @@ class MetricsLogger:
         eta = per_iter * max(0, self.train_iters - iteration)
         return f"elapsed {_hms(now - self.started)} | ETA {_hms(eta)}"
 
-    def _summarise(self, timings: Dict[str, float]):
+    def _summarise(self, timings: Dict[str, float], extra: Dict[str, float]):
         steps = self.window.steps
         it = steps[-1].iteration
         seconds = sum(s.seconds for s in steps) / len(steps)
@@ -157,6 +159,7 @@ class MetricsLogger:
         accepted = [s.mtp_acceptance for s in steps if s.mtp_acceptance]
         for k in range(len(accepted[-1]) if accepted else 0):
             row[f"mtp_{k + 1} acceptance"] = accepted[-1][k]  # already the window's rate
+        row.update(extra)
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),

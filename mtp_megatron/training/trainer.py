@@ -52,6 +52,7 @@ from mtp_megatron.training.losses import LossWindow, forward_step, step_loss_sum
 from mtp_megatron.training.metrics import MetricsLogger, StepMetrics, peak_tflops_for
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 from mtp_megatron.training.progress import phase
+from mtp_megatron.training.self_distill import SelfDistill
 from mtp_megatron.training.timers import StepTimers
 from mtp_megatron.training.writers import MetricsWriter
 
@@ -82,6 +83,9 @@ class Trainer:
             params_dtype=params_dtype(cfg),
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
+        # --mtp-self-distill: the MTP layers learn the main model's own predictions
+        self.self_distill = SelfDistill.install(
+            self.model, mtp=cfg.mtp, vocab_size=cfg.model.vocab_size or tokenizer_vocab)
         self._wire_model_config()
         self.state = TrainState(self.model, self.optimizer, self.scheduler, cfg,
                                 vocab_size=cfg.model.vocab_size or tokenizer_vocab)
@@ -270,7 +274,8 @@ class Trainer:
     def _log_window(self) -> None:
         """Reduce the window's losses (every rank) and print the log line (last rank)."""
         losses = self.losses.flush()
-        self.metrics.log(losses, self.timers.per_iteration(losses.steps))
+        extra = self.self_distill.flush() if self.self_distill else None  # --mtp-self-distill
+        self.metrics.log(losses, self.timers.per_iteration(losses.steps), extra=extra)
         if self.async_saver is not None:
             self.async_saver.poll()
 
