@@ -8,15 +8,17 @@ tokens per sequence and costs ``T_verify(k + 1) + k T_draft`` (one main forward 
 with the most tokens per second, ``E_k / cost_k``:
 
 * acceptances are decayed counts (each step that compares a draft position ages that
-  position's older counts by ``DECAY``), started from an even prior, so a checkpoint
-  whose heads are near random stops drafting after a few steps and a good one drafts
-  as deep as it can;
+  position's older counts by ``DECAY``), started from an even prior (a deeper position
+  from the estimate of the one before), so a checkpoint whose heads are near random
+  stops drafting after a few steps and a good one drafts as deep as it can;
 * costs are running means of the measured forwards (wall time), with a prior guess
   (an MTP depth a quarter of a main forward, each verified token 5% more) until
   measured;
 * a depth that is not drafted teaches nothing: every ``probe`` steps the controller
   drafts one token more than its choice; a probe that fails doubles the interval (up to
-  ``MAX_PROBE``), one that succeeds resets it, so a useless head costs well under 1%.
+  ``MAX_PROBE``), one that succeeds resets it, so a useless head costs well under 1%;
+* what it learned carries over from one generation to the next on the same runner and
+  batch size (``decoding.generate_batch`` keeps one controller per runner and batch size).
 
     controller = DraftController(max_depth=2)
     k = controller.choose()
@@ -33,7 +35,7 @@ DECAY = 0.9  # weight of the past per step
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
 PRIOR_DRAFT_COST = 0.25  # one MTP depth, in main forwards of one token
 PRIOR_VERIFY_SLOPE = 0.05  # extra cost of each verified token, same unit
-MIN_PROBE, MAX_PROBE = 8, 128
+FIRST_PROBE, MIN_PROBE, MAX_PROBE = 2, 8, 128
 COST_MEMORY = 0.8  # running means of the costs
 
 
@@ -50,13 +52,18 @@ class DraftController:
         self.trials = [0.0] * max_depth
         self.seconds: Dict[tuple, float] = {}
         self.probe_every = MIN_PROBE
-        self.until_probe = MIN_PROBE
+        self.until_probe = FIRST_PROBE
         self.probing = False
         self.chosen: List[int] = [0] * (max_depth + 1)  # steps per k, for the report
 
     def acceptance(self) -> List[float]:
-        return [(h + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
-                for h, t in zip(self.hits, self.trials)]
+        """Estimated acceptance per draft position; an untried position starts from the
+        estimate of the one before it (depth 1 from an even prior)."""
+        out, prior = [], PRIOR_ACCEPTANCE
+        for h, t in zip(self.hits, self.trials):
+            prior = (h + prior * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+            out.append(prior)
+        return out
 
     def _cost(self, kind: str, width: int) -> float:
         """Measured seconds of one forward, or the prior guess scaled by a measured one."""

@@ -33,8 +33,9 @@ forward, the next time they draft.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -138,10 +139,17 @@ def generate(runner: KVCachedRunner, prompt: List[int], *, max_new_tokens: int,
     return gens[0]
 
 
-def _controller(runner: KVCachedRunner, draft_depth: DraftDepth) -> DraftController:
+# The adaptive controllers, per runner and batch size: acceptance and costs learned in
+# one generation carry over to the next.
+_AUTO: "weakref.WeakKeyDictionary[KVCachedRunner, Dict[int, DraftController]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _controller(runner: KVCachedRunner, draft_depth: DraftDepth,
+                batch: int) -> DraftController:
     depth = runner.num_mtp_layers
     if draft_depth == "auto":
-        return DraftController(depth)
+        return _AUTO.setdefault(runner, {}).setdefault(batch, DraftController(depth))
     if not isinstance(draft_depth, int) or draft_depth < 0:
         raise ValueError(f"draft depth must be 'auto' or an integer >= 0, got {draft_depth!r}")
     if draft_depth > depth:
@@ -160,7 +168,8 @@ def generate_batch(runner: KVCachedRunner, prompts: Sequence[List[int]], *,
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    controller = _controller(runner, draft_depth)
+    controller = _controller(runner, draft_depth, len(prompts))
+    chosen_before = list(controller.chosen)
     sampling = sampling or Sampling()
     loop = _Loop(runner, prompts, max_new_tokens, eod, sampling, controller)
     cpu_start = time.process_time()
@@ -169,7 +178,7 @@ def generate_batch(runner: KVCachedRunner, prompts: Sequence[List[int]], *,
         while loop.rows:
             loop.step()
     loop.stats.cpu_seconds = time.process_time() - cpu_start
-    loop.stats.chosen_depths = list(controller.chosen)
+    loop.stats.chosen_depths = [a - b for a, b in zip(controller.chosen, chosen_before)]
     gens = []
     for out in loop.outputs:
         tokens, reason = _cut(out, max_new_tokens, eod)

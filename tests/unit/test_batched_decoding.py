@@ -5,9 +5,11 @@ or their budget) decodes exactly what it decodes alone. Adaptive draft count
 (``draft_depth="auto"``): drafts little on a random model, deep on a trained one.
 """
 
+import weakref
+
 import pytest
 
-from mtp_megatron.inference import KVCachedRunner, cache, generate, generate_batch
+from mtp_megatron.inference import KVCachedRunner, cache, decoding, generate, generate_batch
 from mtp_megatron.inference.cache import UNUSED, RowCache
 from mtp_megatron.inference.controller import MAX_PROBE, MIN_PROBE, DraftController
 from mtp_megatron.inference.loading import build_for_generation, single_rank
@@ -109,6 +111,7 @@ def prior_costs(monkeypatch):
     """Decisions from acceptance alone: the controller keeps its prior costs (an MTP depth
     a quarter of a main forward) instead of timing this busy machine."""
     monkeypatch.setattr(DraftController, "timed", lambda self, kind, width, seconds: None)
+    monkeypatch.setattr(decoding, "_AUTO", weakref.WeakKeyDictionary())  # nothing learned
 
 
 def test_auto_stops_drafting_with_random_heads(runners, prior_costs):
@@ -118,6 +121,8 @@ def test_auto_stops_drafting_with_random_heads(runners, prior_costs):
     assert fixed.mean_drafts == pytest.approx(2.0, abs=0.05)
     assert auto.mean_drafts < 0.25  # a few steps to learn, then sparse probes
     assert auto.forwards_per_token > 0.95
+    again = generate(runner, [9, 8], max_new_tokens=120, draft_depth="auto").stats
+    assert again.mean_drafts < auto.mean_drafts  # what it learned carries over
 
 
 def test_auto_drafts_deep_when_drafts_are_right(runners, prior_costs):
