@@ -7,9 +7,12 @@ Prompts from a file (one per line) or stdin (--prompt-file -); report as JSON:
     python -m mtp_megatron.generate --load runs/x/checkpoints --prompt-file prompts.txt --json
 With --mock-data checkpoints a prompt is token ids separated by spaces ("1 2 3").
 
-Speculative mode also runs greedy decoding on the same prompts in the same process
-(unless --no-baseline), checks the outputs are identical and reports the speedup.
-Prompts are decoded one at a time (batch size 1).
+Speculative mode also decodes the same prompts without drafts in the same process
+(unless --no-baseline) and reports the speedup; greedy outputs must be identical. The
+draft count adapts to the recent acceptance by default (--draft-depth auto). Sampling
+and batches:
+    python -m mtp_megatron.generate --load runs/x/checkpoints --prompt-file prompts.txt \
+        --temperature 0.8 --top-p 0.95 --seed 1 --batch-size 4
 """
 
 from __future__ import annotations
@@ -39,12 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-file",
                         help="A file with one prompt per line; '-' reads stdin.")
     parser.add_argument("--mode", choices=MODES, default="mtp-speculative")
-    parser.add_argument("--draft-depth", type=int, default=None,
-                        help="Tokens drafted per step, at most --mtp-num-layers of the "
-                             "checkpoint (default: all of them).")
+    parser.add_argument("--draft-depth", default="auto",
+                        help="Tokens drafted per step: 'auto' (chosen per step from the recent "
+                             "acceptance and the measured costs, up to --mtp-num-layers of "
+                             "the checkpoint) or a number from 1 to --mtp-num-layers.")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; > 0: sampling (speculative sampling keeps the "
+                             "distribution exact).")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="Sample among the k most likely tokens (0: all).")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="Sample among the most likely tokens holding this probability.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="Prompts decoded together (ragged lengths, per-row acceptance).")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="Speculative mode: skip the greedy run used for the speedup.")
+                        help="Speculative mode: skip the run without drafts used for the "
+                             "speedup.")
     parser.add_argument("--ignore-eod", action="store_true",
                         help="Do not stop at the end-of-document token.")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
@@ -70,21 +85,46 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
-def check_args(args: argparse.Namespace, mtp_num_layers: int) -> int:
-    """The draft depth to use, after checking the flags against the checkpoint."""
+def check_sampling(args: argparse.Namespace):
+    """The ``Sampling`` the flags ask for (greedy unless --temperature > 0)."""
+    from mtp_megatron.inference.sampling import Sampling
+
+    if args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0: every token)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+        logger.warning("--top-k/--top-p have no effect with --temperature 0 (greedy)")
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed)
+
+
+def check_args(args: argparse.Namespace, mtp_num_layers: int):
+    """The draft depth to use (a number, or "auto"), after checking the flags against
+    the checkpoint."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.mode == "greedy":
-        if args.draft_depth:
+        if args.draft_depth != "auto":
             logger.warning("--draft-depth has no effect with --mode greedy")
         return 0
     if mtp_num_layers == 0:
         raise UsageError("--mode mtp-speculative: the checkpoint has no MTP layers "
                          "(trained without --mtp-num-layers); use --mode greedy")
-    depth = mtp_num_layers if args.draft_depth is None else args.draft_depth
+    if args.draft_depth == "auto":
+        return "auto"
+    try:
+        depth = int(args.draft_depth)
+    except ValueError:
+        raise UsageError(f"--draft-depth {args.draft_depth}: must be 'auto' or a number "
+                         f"from 1 to the checkpoint's --mtp-num-layers={mtp_num_layers}") from None
     if not 1 <= depth <= mtp_num_layers:
         raise UsageError(f"--draft-depth {depth}: must be between 1 and the checkpoint's "
-                         f"--mtp-num-layers={mtp_num_layers}")
+                         f"--mtp-num-layers={mtp_num_layers} (or 'auto')")
     return depth
 
 
@@ -158,6 +198,7 @@ def run(args: argparse.Namespace) -> dict:
         _, saved = read_saved_config(args.load)
         saved_cfg = build_config(saved)
         depth = check_args(args, saved_cfg.mtp.mtp_num_layers or 0)
+        sampling = check_sampling(args)
         tokenizer = build_tokenizer(saved_cfg)
         vocab = text_vocab_size(saved_cfg, tokenizer)
         ids = [encode(tokenizer, p, vocab_size=vocab, mock_data=saved_cfg.data.mock_data)
@@ -169,7 +210,8 @@ def run(args: argparse.Namespace) -> dict:
                 model, ids, vocab_size=text_vocab_size(cfg, tokenizer),
                 max_new_tokens=args.max_new_tokens, draft_depth=depth,
                 eod=None if args.ignore_eod else tokenizer.eod,
-                baseline=depth > 0 and not args.no_baseline,
+                baseline=depth != 0 and not args.no_baseline,
+                batch_size=args.batch_size, sampling=sampling,
                 detokenize=lambda ids: decode(tokenizer, ids),  # whitespace kept
             )
     except (CheckpointError, ConfigError) as err:

@@ -7,7 +7,8 @@ Shapes (layers, sizes, vocabulary, learned position table) must match: the weigh
 not fit. The padded vocabulary is the checkpoint's whenever this run's TP splits it (the
 model is built so, ``checkpoint/vocab.py``), so --make-vocab-size-divisible-by may differ;
 rows added because TP cannot split the checkpoint's are masked. Precision (--bf16/--fp16)
-and --use-distributed-optimizer decide the optimizer state's format: they may change only
+and --use-distributed-optimizer decide the optimizer state's format, and
+--freeze-main-model which parameters it covers: they may change only
 when the optimizer state is not loaded (--no-load-optim keeps the iteration, --finetune
 restarts at 0). Every error is a :class:`CheckpointError` naming the checkpoint, the
 field, both values and the way out. The MTP objective's weighting (factor, its schedule,
@@ -157,6 +158,14 @@ def _check_format(directory: str, saved: Dict[str, Any], ours: Dict[str, Any],
             f"run uses {mine}: the optimizer state has another format{how}, or resume "
             f"with the checkpoint's precision"
             + (f" (--{theirs})" if theirs != "fp32" else " (no --bf16/--fp16)")
+        )
+    theirs = bool(saved.get("mtp", {}).get("freeze_main_model"))
+    mine = bool(ours["mtp"].get("freeze_main_model"))
+    if theirs != mine:  # the optimizer holds the MTP parameters only, or every parameter
+        raise CheckpointError(
+            f"{directory} was saved with mtp.freeze_main_model={theirs} but this run has "
+            f"--freeze-main-model={mine}: the optimizer state covers other parameters"
+            f"{how}; the acceptance stage starts from a trained checkpoint with --finetune"
         )
     key = "use_distributed_optimizer"
     theirs, mine = bool(saved.get("parallel", {}).get(key)), bool(ours["parallel"][key])

@@ -304,6 +304,7 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
     with padded_world_tensors(state.optimizer):  # megatron-core's range bug
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=False,
                                                                   metadata=md)
+    _share_common_step(sharded["optimizer"])
     sharded["rng_state"] = _rng_state()
     sharded["common"] = {
         "iteration": state.iteration,
@@ -322,6 +323,29 @@ def _vocab_record(model: List[torch.nn.Module], vocab_size: Optional[int],
     padded = _gpt(model[0]).vocab_size
     return {"vocab_size": vocab_size, "padded_vocab_size": padded,
             "live_rows": live_rows or padded}
+
+
+def _share_common_step(optimizer_sd: Dict[str, Any]) -> None:
+    """Every rank's optimizer state gets the Adam ``common_step`` the others have.
+
+    megatron-core (0.16 and 0.19) saves the step shared by all parameters as common
+    state, which ``dist_checkpointing`` takes from rank 0 only. With
+    ``--freeze-main-model`` and PP > 1 the first stages hold no trainable parameter,
+    hence no step: the stages that train would lose theirs and a resume would fail in
+    torch's Adam (``KeyError: 'step'``). Every rank steps together, so the step is one
+    number: the largest over ranks (-1: none anywhere).
+    """
+    parts = [optimizer_sd] if "state" in optimizer_sd else \
+        [v for v in optimizer_sd.values() if isinstance(v, dict) and "state" in v]
+    parts = [p for p in parts if isinstance(p["state"], dict)]
+    steps = [p["state"].get("common_step") for p in parts]
+    local = max((float(s) for s in steps if s is not None), default=-1.0)
+    shared = comm.reduce_values([local], op="max")[0]
+    if shared < 0:
+        return
+    for part, step in zip(parts, steps):
+        if step is None:
+            part["state"]["common_step"] = torch.tensor(shared, device="cpu")
 
 
 def save_checkpoint(state: TrainState, save_dir: str) -> str:

@@ -34,6 +34,7 @@ FACTOR_DECAY_STYLES = ("constant", "step", "linear", "cosine")
 WEIGHTS_FLAG = "--mtp-depth-weights"
 _WEIGHTS_ALLOWED = ("uniform, linear, exponential, or one positive number per depth "
                     "separated by commas (W1,W2,...)")
+SELF_DISTILL_MODES = ("greedy", "kl")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,22 @@ class MTPConfig:
         "head learn from the lm loss only (megatron-core >= 0.19).", type=bool,
     )
 
+    # The acceptance stage (docs/speculative-decoding.md, training/self_distill.py).
+    freeze_main_model: bool = option(
+        False, "Train the MTP layers only: the embedding, decoder and output head keep their "
+        "loaded weights and stay out of the optimizer (the acceptance stage: start it with "
+        "--load CKPT --finetune).", type=bool,
+    )
+    mtp_self_distill: Optional[str] = option(
+        None, "MTP targets from the main model itself, what speculative decoding verifies "
+        "against: its greedy next tokens (greedy: cross entropy) or its distribution (kl). "
+        "Needs --freeze-main-model.", type=str, choices=SELF_DISTILL_MODES,
+    )
+    mtp_self_distill_temperature: float = option(
+        1.0, "Temperature of the main model's distribution for --mtp-self-distill kl.",
+        type=float,
+    )
+
     def __post_init__(self):
         object.__setattr__(self, "mtp_depth_weights", _weights_text(self.mtp_depth_weights))
         check_types(self)
@@ -88,6 +105,7 @@ class MTPConfig:
         for flag, value, given in self._options_needing_mtp():
             if given and not self.enabled:
                 raise ConfigError(flag, value, "only with --mtp-num-layers (MTP is off)")
+        self._check_self_distill()
         if self.enabled and self.mtp_loss_scaling_factor == 0:
             logger.warning(
                 "--mtp-loss-scaling-factor=0 with --mtp-num-layers=%d: the MTP layers get no "
@@ -130,6 +148,23 @@ class MTPConfig:
                               self.mtp_loss_scaling_factor_decay_iters,
                               "only with --mtp-loss-scaling-factor-decay-style step, linear "
                               "or cosine", f"with {style} nothing decays")
+
+    def _check_self_distill(self) -> None:
+        if self.mtp_self_distill and not self.freeze_main_model:
+            raise ConfigError(
+                "--mtp-self-distill", self.mtp_self_distill,
+                "only with --freeze-main-model",
+                "the main model is the teacher: it must not move while the heads learn it",
+            )
+        if self.mtp_self_distill_temperature <= 0:
+            raise ConfigError("--mtp-self-distill-temperature",
+                              self.mtp_self_distill_temperature, "a number > 0")
+        if self.mtp_self_distill != "kl" and self.mtp_self_distill_temperature != 1.0:
+            logger.warning("--mtp-self-distill-temperature has no effect without "
+                           "--mtp-self-distill kl")
+        if self.freeze_main_model and self.mtp_loss_scaling_factor == 0:
+            raise ConfigError("--mtp-loss-scaling-factor", 0.0, "a number > 0 with "
+                              "--freeze-main-model", "nothing else would be trained")
 
     @property
     def enabled(self) -> bool:

@@ -64,6 +64,12 @@ class RunConfig:
                 "rope or none when --mtp-num-layers is set",
                 "the MTP layers need relative positions",
             )
+        if mtp.mtp_self_distill and self.training.calculate_per_token_loss:
+            raise ConfigError(
+                "--calculate-per-token-loss", True, "off with --mtp-self-distill",
+                "the self-distillation loss is a mean per microbatch, as megatron-core's "
+                "MTP loss without it",
+            )
         if model.seq_length <= mtp.mtp_num_layers:
             raise ConfigError(
                 "--seq-length", model.seq_length,

@@ -1,4 +1,5 @@
-"""KV-cached forwards of a megatron-core GPTModel and of each of its MTP depths.
+"""KV-cached forwards of a megatron-core GPTModel and of each of its MTP depths, for a
+batch of sequences of different lengths.
 
 Generation drives the model's own modules piece by piece instead of calling
 ``GPTModel.forward`` (whose MTP post-processing needs labels in megatron-core 0.16.1):
@@ -8,29 +9,28 @@ Generation drives the model's own modules piece by piece instead of calling
                       hidden of depth k-1, embedding(token k ahead)) -> output_layer
 
 Each stack (the decoder, and each MTP depth's transformer layer) keeps its keys and
-values in its own megatron-core ``StaticInferenceContext``. A forward of ``s`` new
-positions starting at ``start`` writes cache rows ``[start, start + s)`` and attends to
-``[0, start + s)`` under an explicit causal mask; rolling a stack back to ``length``
-rows is setting its offset, the stale rows are overwritten by the next write.
-Single rank (TP = PP = 1), batch size 1.
+values in its own :class:`~mtp_megatron.inference.cache.RowCache` (a megatron-core
+``StaticInferenceContext`` with per-row positions). A forward takes, per row, the new
+tokens after that row's cached ones (rows may feed different counts: they are padded);
+attention follows the rows' positions under an explicit mask, so each row computes
+exactly what it would alone. Rolling a row back is forgetting its last positions.
+Single rank (TP = PP = 1).
+
+    runner = KVCachedRunner(model, vocab_size)
+    runner.reset(batch_size=2, max_length=64)
+    hidden = runner.main([[5, 6, 7], [9]])       # [3, 2, h]; row 1 uses hidden[:1, 1]
+    runner.truncate(0, [2, 1])                    # row 0 forgets position 2
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
-from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from mtp_megatron.inference.cache import UNUSED, RowCache
 from mtp_megatron.runtime import mcore_compat
-
-
-def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, length, start + length] boolean mask, True where a query must not look."""
-    query = torch.arange(start, start + length, device=device).unsqueeze(1)
-    key = torch.arange(start + length, device=device).unsqueeze(0)
-    return (key > query).view(1, 1, length, start + length)
 
 
 class KVCachedRunner:
@@ -44,88 +44,109 @@ class KVCachedRunner:
         self.num_mtp_layers = model.config.mtp_num_layers or 0 if model.mtp_process else 0
         self.device = next(model.parameters()).device
         self.max_length = 0
+        self._rope_length = 0
         self._rope: Optional[torch.Tensor] = None
-        self._contexts: List[StaticInferenceContext] = []
+        self._caches: List[RowCache] = []
 
-    def reset(self, max_length: int) -> None:
-        """Empty caches sized for ``max_length`` positions (main stack + every depth)."""
-        if max_length != self.max_length or not self._contexts:
-            self.max_length = max_length
-            self._contexts = [StaticInferenceContext(1, max_length)
-                              for _ in range(1 + self.num_mtp_layers)]
-            self._rope = None
-            if self.model.position_embedding_type == "rope":
-                self._rope = self.model.rotary_pos_emb(max_length)
-        for ctx in self._contexts:
-            ctx.reset()
+    def reset(self, max_length: int, batch_size: int = 1, max_columns: int = 0) -> None:
+        """Empty caches for ``batch_size`` rows of up to ``max_length`` positions each
+        (``max_columns``: cache columns, ``max_length`` by default; holes left by rows
+        that advance unevenly need more, or compaction)."""
+        self.max_length = max_length
+        if self.model.position_embedding_type == "rope" and self._rope_length < max_length:
+            self._rope = self.model.rotary_pos_emb(max_length)
+            self._rope_length = max_length
+        columns = max(max_columns, max_length)
+        self._caches = [RowCache(batch_size, columns, self.device, self._rope)
+                        for _ in range(1 + self.num_mtp_layers)]
 
-    def cached(self, depth: int) -> int:
-        """Rows in the cache of ``depth`` (0: the main stack)."""
-        return self._contexts[depth].sequence_len_offset
+    @property
+    def batch_size(self) -> int:
+        return self._caches[0].batch
 
-    def truncate(self, depth: int, length: int) -> None:
-        """Keep the first ``length`` cache rows of ``depth``."""
-        ctx = self._contexts[depth]
-        if length > ctx.sequence_len_offset:
-            raise ValueError(f"cannot truncate depth {depth} from {ctx.sequence_len_offset} "
-                             f"up to {length} rows")
-        ctx.sequence_len_offset = length
+    def cached(self, depth: int) -> List[int]:
+        """Positions cached per row in ``depth``'s stack (0: the main stack)."""
+        return self._caches[depth].lengths()
 
-    def _embed(self, tokens: List[int], start: int) -> torch.Tensor:
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + len(tokens), device=self.device).unsqueeze(0)
-        return self.model.embedding(input_ids=ids, position_ids=positions)  # [s, 1, h]
+    def truncate(self, depth: int, lengths: Sequence[int]) -> None:
+        """Keep the first ``lengths[r]`` positions of row ``r`` in ``depth``'s stack."""
+        self._caches[depth].truncate(lengths)
 
-    def _check_room(self, start: int, length: int) -> None:
-        if start + length > self.max_length:
-            raise ValueError(f"positions up to {start + length} exceed the cache of "
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` of the batch in every stack (finished sequences leave)."""
+        for cache in self._caches:
+            cache.keep_rows(rows)
+
+    def _padded(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tokens)
+        rows = [list(t) + [0] * (width - len(t)) for t in tokens]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[w, batch, h] embeddings; padding gets position 0 (its output is never used)."""
+        positions = torch.where(positions >= UNUSED, 0, positions)
+        return self.model.embedding(input_ids=ids, position_ids=positions)
+
+    def _check_room(self, cache: RowCache, counts: Sequence[int]) -> None:
+        longest = max(n + c for n, c in zip(cache.lengths(), counts))
+        if longest > self.max_length:
+            raise ValueError(f"positions up to {longest} exceed the cache of "
                              f"{self.max_length}; reset() with a larger max_length")
 
     @torch.no_grad()
-    def main(self, tokens: List[int]) -> torch.Tensor:
-        """Decoder hidden states [s, 1, h] of ``tokens`` appended after the cached rows."""
-        ctx = self._contexts[0]
-        start = ctx.sequence_len_offset
-        self._check_room(start, len(tokens))
+    def main(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Decoder hidden states [w, batch, h] of each row's new ``tokens`` (row ``r``'s
+        are ``[:len(tokens[r]), r]``), appended after the row's cached positions."""
+        cache = self._caches[0]
+        counts = [len(t) for t in tokens]
+        self._check_room(cache, counts)
+        ids = self._padded(tokens)
+        positions = cache.append(counts, ids.size(1))
         hidden = self.model.decoder(
-            hidden_states=self._embed(tokens, start),
-            attention_mask=causal_mask(start, len(tokens), self.device),
-            inference_context=ctx,
-            rotary_pos_emb=self._rope,
+            hidden_states=self._embed(ids, positions),
+            attention_mask=cache.mask(positions),
+            inference_context=cache.ctx,
+            rotary_pos_emb=cache.rope(),
         )
-        ctx.sequence_len_offset = start + len(tokens)
+        cache.advance(ids.size(1))
         return hidden
 
     @torch.no_grad()
-    def mtp(self, depth: int, hidden: torch.Tensor, tokens: List[int]) -> torch.Tensor:
-        """Depth ``depth`` (1-based) over new positions after its cached rows.
+    def mtp(self, depth: int, hidden: torch.Tensor,
+            tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Depth ``depth`` (1-based) over each row's new positions after its cached ones.
 
-        ``hidden``: depth ``depth - 1`` hidden states at those positions [s, 1, h];
-        ``tokens``: the token ``depth`` places ahead of each position (what training's
-        ``roll_tensor`` of the input ids gives). Returns depth ``depth``'s hidden states.
+        ``hidden``: depth ``depth - 1`` hidden states at those positions [w, batch, h];
+        ``tokens``: per row, the token ``depth`` places ahead of each position (what
+        training's ``roll_tensor`` of the input ids gives). Returns depth ``depth``'s
+        hidden states [w, batch, h].
         """
-        ctx = self._contexts[depth]
-        start = ctx.sequence_len_offset
-        self._check_room(start, len(tokens))
+        cache = self._caches[depth]
+        counts = [len(t) for t in tokens]
+        self._check_room(cache, counts)
+        ids = self._padded(tokens)
+        positions = cache.append(counts, ids.size(1))
         layer = mcore_compat.mtp_layer_for_depth(self.model.mtp, depth)
         out = layer._proj_and_transformer_layer(
             hidden_states=hidden,
-            decoder_input=self._embed(tokens, start + depth),
-            attention_mask=causal_mask(start, len(tokens), self.device),
-            rotary_pos_emb=self._rope,
-            inference_params=ctx,
+            decoder_input=self._embed(ids, torch.where(positions >= UNUSED, positions,
+                                                       positions + depth)),
+            attention_mask=cache.mask(positions),
+            rotary_pos_emb=cache.rope(),
+            inference_params=cache.ctx,
         )
-        ctx.sequence_len_offset = start + len(tokens)
+        cache.advance(ids.size(1))
         return out
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shared output head over [s, 1, h] -> [s, vocab] (padding columns dropped)."""
+        """Shared output head over [s, b, h] -> [s, b, vocab] (padding columns dropped)."""
         weight = None
         if self.model.share_embeddings_and_output_weights:
             weight = self.model.shared_embedding_or_output_weight()
         logits, _ = self.model.output_layer(hidden, weight=weight, runtime_gather_output=True)
-        return logits[:, 0, : self.vocab_size].float()
+        return logits[..., : self.vocab_size].float()
 
     def argmax(self, hidden: torch.Tensor) -> List[int]:
-        return self.logits(hidden).argmax(dim=-1).tolist()
+        """Greedy tokens of one row's hidden states [s, 1, h]."""
+        return self.logits(hidden)[:, 0].argmax(dim=-1).tolist()

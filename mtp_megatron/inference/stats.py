@@ -1,15 +1,17 @@
 """What a decoding run counts and times, and the summary a report prints.
 
-Per verification step of speculative decoding with ``k`` drafts:
+Per verification step of speculative decoding with ``k`` drafts (counted per sequence:
+a batched step of ``B`` rows is ``B`` steps):
 
 * ``reached[i]``: steps where draft ``i + 1`` was compared (all earlier drafts matched);
 * ``accepted[i]``: steps where it matched the main model's greedy token;
 * conditional acceptance of position ``i + 1`` = ``accepted[i] / reached[i]``,
   unconditional = ``accepted[i] / drafted[i]`` (``drafted[i]``: steps that drafted it).
 
-``main_forwards`` counts forwards of the main model, prefill included, so greedy
-decoding has one per generated token and perfect drafting with ``k`` drafts tends to
-``1 / (k + 1)``.
+``main_forwards`` counts forwards of the main model per sequence, prefill included
+(a batched forward of ``B`` rows counts ``B``), so plain decoding has one per generated
+token at any batch size and perfect drafting with ``k`` drafts tends to ``1 / (k + 1)``;
+``batch_forwards`` counts the forward calls themselves.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 
 @dataclass
 class DecodeStats:
     """Counters and phase timers of one or more generations (add them with ``merge``)."""
 
-    draft_depth: int = 0
+    draft_depth: int = 0  # draft positions tracked (the most drafts a step may make)
+    adaptive: bool = False  # draft count chosen per step (``--draft-depth auto``)
     generated: int = 0
     main_forwards: int = 0
     mtp_forwards: int = 0
@@ -37,6 +40,9 @@ class DecodeStats:
         default_factory=lambda: {"prefill": 0.0, "verify": 0.0, "draft": 0.0, "total": 0.0}
     )
     cpu_seconds: float = 0.0  # process CPU time of the whole generation (all threads)
+    batch_forwards: int = 0  # main-model forward calls (prefill included)
+    batch_size: int = 1
+    chosen_depths: List[int] = field(default_factory=list)  # steps per draft count k
 
     def __post_init__(self):
         for name in ("drafted", "reached", "accepted"):
@@ -45,11 +51,15 @@ class DecodeStats:
 
     @contextmanager
     def timed(self, phase: str):
+        """Adds the block's wall time to ``phase``; yields a clock whose ``seconds`` is
+        set when the block ends."""
+        clock = _Clock()
         start = time.perf_counter()
         try:
-            yield
+            yield clock
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            clock.seconds = time.perf_counter() - start
+            self.seconds[phase] += clock.seconds
 
     def record_step(self, num_drafts: int, num_accepted: int) -> None:
         self.steps += 1
@@ -61,14 +71,29 @@ class DecodeStats:
             if i < num_accepted:
                 self.accepted[i] += 1
 
+    def record_batch(self, num_drafts: int, accepted: Sequence[int]
+                     ) -> Tuple[List[int], List[int]]:
+        """One batched step: every row drafted ``num_drafts``, row ``r`` accepted
+        ``accepted[r]``. Returns the step's (reached, accepted) per draft position."""
+        reached, hits = [0] * num_drafts, [0] * num_drafts
+        for a in accepted:
+            self.record_step(num_drafts, a)
+            for i in range(num_drafts):
+                reached[i] += i <= a
+                hits[i] += i < a
+        return reached, hits
+
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         if other.draft_depth != self.draft_depth:
             raise ValueError("cannot merge stats of different draft depths")
         for name in ("generated", "main_forwards", "mtp_forwards", "steps", "accepted_tokens",
-                     "cpu_seconds"):
+                     "cpu_seconds", "batch_forwards"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("drafted", "reached", "accepted"):
-            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+        for name in ("drafted", "reached", "accepted", "chosen_depths"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            size = max(len(mine), len(theirs))
+            mine, theirs = mine + [0] * (size - len(mine)), theirs + [0] * (size - len(theirs))
+            setattr(self, name, [a + b for a, b in zip(mine, theirs)])
         for phase, secs in other.seconds.items():
             self.seconds[phase] = self.seconds.get(phase, 0.0) + secs
         return self
@@ -110,7 +135,7 @@ class DecodeStats:
 
     def summary(self) -> Dict[str, object]:
         return {
-            "draft_depth": self.draft_depth,
+            "draft_depth": "auto" if self.adaptive else self.draft_depth,
             "generated_tokens": self.generated,
             "verification_steps": self.steps,
             "mean_accepted_per_step": round(self.mean_accepted, 4),
@@ -122,4 +147,16 @@ class DecodeStats:
             "tokens_per_second": round(self.tokens_per_second, 2),
             "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 2),
             "time_shares": {k: round(v, 3) for k, v in self.time_shares().items()},
+            "batch_size": self.batch_size,
+            "steps_per_draft_count": list(self.chosen_depths),
+            "mean_drafts_per_step": round(self.mean_drafts, 4),
         }
+
+    @property
+    def mean_drafts(self) -> float:
+        """Tokens drafted per verification step (per sequence)."""
+        return sum(self.drafted) / max(self.steps, 1)
+
+
+class _Clock:
+    seconds: float = 0.0

@@ -170,6 +170,18 @@ def _drop_unused_output_weight(model: GPTModel) -> None:
         model.output_layer.weight = None
 
 
+def freeze_main_model(model: GPTModel) -> int:
+    """``--freeze-main-model``: every parameter outside the MTP block (embedding, decoder,
+    output head) stops requiring a gradient, so megatron-core's DDP gives it no gradient
+    buffer and the optimizer never sees it; gradients cannot reach it either (the MTP
+    block's inputs come from frozen modules). Returns the parameters left trainable."""
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("mtp."))
+        trainable += param.requires_grad
+    return trainable
+
+
 def ddp_config_for(cfg: RunConfig) -> DistributedDataParallelConfig:
     """megatron-core DDP settings. NaN/Inf is found from the optimizer's grad norm
     (``training/faults.py``), so DDP's per-bucket ``check_for_nan_in_grad`` (a host sync
@@ -210,6 +222,8 @@ def build_model(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl: st
     ddp_config = ddp_config_for(cfg)
     wrapped = []
     for i, chunk in enumerate(chunks):
+        if cfg.mtp.freeze_main_model:  # before DDP and the optimizer see the parameters
+            freeze_main_model(chunk)
         chunk.to(device)
         if cfg.model.moe:
             mark_routed_experts(chunk)  # one optimizer structure for every EP (model/moe.py)

@@ -118,12 +118,14 @@ class MetricsLogger:
         self.window.steps.append(step)
 
     def log(self, losses=None, timings: Optional[Dict[str, float]] = None,
-            moe: Optional[Dict[str, float]] = None) -> Optional[str]:
+            moe: Optional[Dict[str, float]] = None,
+            extra: Optional[Dict[str, float]] = None) -> Optional[str]:
         """Close the window: fill in its reduced losses, print and return the log line.
 
         ``losses``: a ``WindowLosses`` (per-step lm losses, window-mean MTP losses);
         ``timings``: milliseconds per iteration by phase; ``moe``: the window's MoE
-        summary (``MoEStats.flush``).
+        summary (``MoEStats.flush``); ``extra``: more window values for the line and
+        the row, after the losses (``--mtp-self-distill``'s).
         """
         if not self.enabled or not self.window.steps:
             self.window = _Window()
@@ -140,7 +142,7 @@ class MetricsLogger:
                 step.mtp_acceptance = list(losses.mtp_acceptance)
         if moe is not None:
             steps[-1].moe = dict(moe)
-        line, row = self._summarise(timings or {})
+        line, row = self._summarise(timings or {}, extra or {})
         self.window = _Window()
         logger.info(line)
         self.writer.write(row)
@@ -154,7 +156,7 @@ class MetricsLogger:
         eta = per_iter * max(0, self.train_iters - iteration)
         return f"elapsed {_hms(now - self.started)} | ETA {_hms(eta)}"
 
-    def _summarise(self, timings: Dict[str, float]):
+    def _summarise(self, timings: Dict[str, float], extra: Dict[str, float]):
         steps = self.window.steps
         it = steps[-1].iteration
         seconds = sum(s.seconds for s in steps) / len(steps)
@@ -170,6 +172,7 @@ class MetricsLogger:
         if steps[-1].mtp_factor is not None:
             row["mtp_factor"] = steps[-1].mtp_factor  # the logged iteration's
         row.update(_moe_row(steps[-1].moe))
+        row.update(extra)
         row.update({
             "lr": steps[-1].lr,
             "grad norm": _mean(s.grad_norm for s in steps),

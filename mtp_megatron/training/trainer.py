@@ -51,6 +51,7 @@ from mtp_megatron.training.moe_stats import MoEStats
 from mtp_megatron.training.mtp_weighting import MTPWeighting
 from mtp_megatron.training.optim import build_optimizer, build_scheduler
 from mtp_megatron.training.progress import phase
+from mtp_megatron.training.self_distill import SelfDistill
 from mtp_megatron.training.timers import StepTimers
 from mtp_megatron.training.writers import MetricsWriter
 
@@ -85,6 +86,9 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, training=cfg.training)
         self.moe_stats = MoEStats.build(self.model, cfg, self.device)  # None when dense
+        # --mtp-self-distill: the MTP layers learn the main model's own predictions
+        self.self_distill = SelfDistill.install(
+            self.model, mtp=cfg.mtp, vocab_size=cfg.model.vocab_size or tokenizer_vocab)
         self._wire_model_config()
         # the MTP factor of each iteration and the depth weights (training/mtp_weighting.py)
         self.mtp_weighting = MTPWeighting.for_run(cfg, chunks=self.model, tconfig=self.tconfig,
@@ -288,7 +292,8 @@ class Trainer:
         moe = None
         if self.moe_stats is not None:
             moe = self.moe_stats.flush(losses.steps, self.losses.num_microbatches)
-        self.metrics.log(losses, self.timers.per_iteration(losses.steps), moe=moe)
+        extra = self.self_distill.flush() if self.self_distill else None  # --mtp-self-distill
+        self.metrics.log(losses, self.timers.per_iteration(losses.steps), moe=moe, extra=extra)
         if self.async_saver is not None:
             self.async_saver.poll()
 

@@ -119,6 +119,7 @@ def make_trainer(cfg, transformer_impl: str = "local") -> Trainer:
     trainer.sampler = GlobalBatchSampler(
         HoleyDataset(old.dataset), micro_batch_size=old.micro_batch_size,
         global_batch_size=old.global_batch_size, dp_rank=old.dp_rank, dp_size=old.dp_size,
+        consumed_samples=old.consumed_samples,  # a resumed run goes on where it stopped
     )
     return trainer
 

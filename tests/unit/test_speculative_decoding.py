@@ -1,58 +1,27 @@
 """Greedy and MTP self-speculative decoding on tiny CPU models, in this process.
 
-Two models with D = 2 MTP layers: a random one (drafts rarely match) and one trained
-for a few seconds on "count up" sequences (t, t+1, t+2, ...), where every MTP depth
-learns its offset, so drafts match and the bookkeeping has known answers.
+Two models with D = 2 MTP layers (``tests/tiny_decoders.py``): a random one (drafts
+rarely match) and one trained for a few seconds on "count up" sequences, where every
+MTP depth learns its offset, so drafts match and the bookkeeping has known answers.
 """
 
 import random
 
 import pytest
 import torch
-from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
-from mtp_megatron.config import build_config
 from mtp_megatron.inference import DecodeStats, KVCachedRunner, decoding, generate
 from mtp_megatron.inference.loading import build_for_generation, single_rank
 from mtp_megatron.inference.report import decode_prompts
-from mtp_megatron.runtime import mcore_compat
-
-VOCAB = 256  # padded vocabulary of the tiny models
-TEXT_VOCAB = 250  # ids the runner may emit
-EOD = 249
-
-
-def tiny_config(mtp_layers=2):
-    return build_config({
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                  "seq_length": 32, "make_vocab_size_divisible_by": 128},
-        "mtp": {"mtp_num_layers": mtp_layers, "mtp_loss_scaling_factor": 1.0},
-    })
-
-
-def count_up(generator, batch=16, length=33):
-    starts = torch.randint(0, EOD, (batch, 1), generator=generator)
-    return (starts + torch.arange(length)) % EOD
-
-
-def train_count_up(model, steps=90):
-    """A short plain-torch loop over the lm + MTP loss (megatron-core's forward)."""
-    model.train()
-    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    opt = torch.optim.Adam(model.parameters(), lr=4e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        seq = count_up(gen)
-        tokens, labels = seq[:, :-1], seq[:, 1:]
-        positions = torch.arange(tokens.size(1)).expand_as(tokens)
-        loss = model(tokens, positions, None, labels=labels,
-                     loss_mask=torch.ones_like(labels, dtype=torch.float)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    mtp_losses = (mcore_compat.take_mtp_sums().loss / steps).tolist()
-    mcore_compat.reset_mtp_tracker()
-    return loss.item(), mtp_losses
+from tests.tiny_decoders import (
+    EOD,
+    TEXT_VOCAB,
+    VOCAB,
+    random_prompts,
+    reference_greedy,
+    tiny_config,
+    train_count_up,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,27 +43,6 @@ def trained_runner(device):
     lm_loss, mtp_losses = train_count_up(model)
     assert lm_loss < 0.5, f"the tiny model did not learn to count (loss {lm_loss:.3f})"
     return KVCachedRunner(model.eval(), TEXT_VOCAB)
-
-
-def random_prompts(seed, count, max_len=12):
-    rng = random.Random(seed)
-    return [[rng.randrange(EOD) for _ in range(rng.randint(1, max_len))] for _ in range(count)]
-
-
-def reference_greedy(model, prompt, steps):
-    """Greedy decoding without any cache: a full forward of the sequence per token."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids = torch.tensor([seq])
-            positions = torch.arange(len(seq)).unsqueeze(0)
-            hidden = model.decoder(hidden_states=model.embedding(ids, positions),
-                                   attention_mask=None,
-                                   rotary_pos_emb=model.rotary_pos_emb(len(seq)))
-            logits, _ = model.output_layer(hidden[-1:],
-                                           weight=model.shared_embedding_or_output_weight())
-            seq.append(int(logits[0, 0, :TEXT_VOCAB].argmax()))
-    return seq[len(prompt):]
 
 
 # -- losslessness --------------------------------------------------------------------
@@ -128,10 +76,10 @@ def test_drafts_are_the_full_mtp_forward(random_runner, monkeypatch):
     model, seen = random_runner.model, []
     original = decoding._MTPDrafter.draft
 
-    def recording(self, committed, k, stats):
-        drafts = original(self, committed, k, stats)
-        seen.append((list(committed), drafts))
-        return drafts
+    def recording(self, committed, k, sampling, stats):
+        drafts, q = original(self, committed, k, sampling, stats)
+        seen.append((list(committed[0]), drafts[0].tolist()))
+        return drafts, q
 
     monkeypatch.setattr(decoding._MTPDrafter, "draft", recording)
     generate(random_runner, [5, 17, 3, 90, 44], max_new_tokens=12, draft_depth=2)
