@@ -16,8 +16,8 @@ verification accepts); ``kl`` with ``KL(p_T || q)``, ``p_T`` the main model's so
 ``--mtp-self-distill-temperature`` (what speculative sampling accepts in proportion to).
 Each depth's loss is a masked mean over its positions, weighted ``factor / D`` as
 megatron-core weighs its MTP losses (times the depth's ``--mtp-depth-weights``
-multiplier, with the factor of the iteration when it is scheduled), and reaches the MTP layers through
-megatron-core's ``MTPLossAutoScaler``; the MTP outputs megatron-core then scores
+multiplier, with the factor of the iteration when it is scheduled), and reaches the MTP
+layers through megatron-core's ``MTPLossAutoScaler``; the MTP outputs megatron-core then scores
 against the data are detached, so its own MTP loss is logged (``mtp_k loss``,
 ``mtp_k acceptance``: against the data) but trains nothing.
 
