@@ -124,7 +124,9 @@ class MTPConfig:
                 ("--mtp-loss-scaling-factor-final", final, final is not None),
                 ("--mtp-loss-scaling-factor-decay-style",
                  self.mtp_loss_scaling_factor_decay_style, self.decays),
-                ("--mtp-loss-scaling-factor-decay-iters", decay_iters, decay_iters is not None))
+                ("--mtp-loss-scaling-factor-decay-iters", decay_iters, decay_iters is not None),
+                ("--freeze-main-model", True, self.freeze_main_model),
+                ("--mtp-self-distill", self.mtp_self_distill, self.mtp_self_distill is not None))
 
     def _check_schedule(self) -> None:
         """The factor schedule's rules within this section (``RunConfig`` checks it

@@ -38,7 +38,7 @@ def _is_mtp(name):
 
 
 def _optimizer_numel(optimizer):
-    from mtp_megatron.training.optim import sub_optimizers
+    from mtp_megatron.runtime.optimizer_parts import sub_optimizers
 
     total = 0
     for sub in sub_optimizers(optimizer):
@@ -55,7 +55,7 @@ def _history(trainer_history):
 
 
 def _case(root, name, layout, mode, world_size):
-    from mtp_megatron.experiments.collect import read_metrics
+    from mtp_megatron.training.writers import read_run
     from tests.reference.harness import finish, make_trainer, tiny_config
 
     out = os.path.join(root, name)
@@ -77,18 +77,22 @@ def _case(root, name, layout, mode, world_size):
     mtp_numel = sum(p.numel() for c in stage.model for n, p in c.named_parameters()
                     if _is_mtp(n))
     optimizer_numel = _optimizer_numel(stage.optimizer)
-    straight = _history(stage.train())
+    steps = []
+    stage.train(on_step=steps.append)
+    straight = _history(steps)
     after = _weights(stage.model)
     finish(stage)
     resumed_trainer = make_trainer(tiny_config(world_size, f"{out}/resumed",
                                                load=f"{out}/stage_ck/iter_0000002", **stage_flags))
-    resumed = _history(resumed_trainer.train())
+    steps = []
+    resumed_trainer.train(on_step=steps.append)
+    resumed = _history(steps)
     after_resume = _weights(resumed_trainer.model)
     finish(resumed_trainer)
     rows = {}
     if os.path.exists(f"{out}/stage/metrics.jsonl"):  # the logging rank's
         rows = {run: {r["iteration"]: {k: v for k, v in r.items() if k.startswith("distill")}
-                      for r in read_metrics(f"{out}/{run}/metrics.jsonl")[0]}
+                      for r in read_run(f"{out}/{run}/metrics.jsonl")[0]}
                 for run in ("stage", "resumed")}
     main = [n for n in pretrained if not _is_mtp(n)]
     return {
