@@ -38,31 +38,33 @@ from typing import Dict, List, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --ffn-hidden-size 512: the width docs/speculative-decoding.* were measured with (the
 # launcher's SwiGLU default is now Megatron-LM's 320 at h=128).
-MODEL_FLAGS = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-heads", "4",
+MODEL_FLAGS = ["--hidden-size", "128", "--num-attention-heads", "4",
                "--ffn-hidden-size", "512", "--mtp-num-layers", "2",
                "--seq-length", "128", "--micro-batch-size", "8", "--global-batch-size", "8",
                "--eval-iters", "0", "--log-interval", "50"]
 
 
-def launch(out_dir: str, flags: List[str]) -> str:
+def launch(out_dir: str, flags: List[str], num_layers: int) -> str:
     """Train with the launcher (one CPU rank); returns the checkpoint directory."""
     save = os.path.join(out_dir, "checkpoints")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain_gpt_mtp.py"), *MODEL_FLAGS,
-           *flags, "--save", save, "--output-dir", out_dir]
+           "--num-layers", str(num_layers), *flags, "--save", save, "--output-dir", out_dir]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return save
 
 
-def train_base(out_dir: str, iters: int) -> str:
-    return launch(os.path.join(out_dir, "d2"), ["--train-iters", str(iters), "--lr", "3e-3"])
+def train_base(out_dir: str, iters: int, num_layers: int) -> str:
+    return launch(os.path.join(out_dir, "d2"), ["--train-iters", str(iters), "--lr", "3e-3"],
+                  num_layers)
 
 
-def train_stage(out_dir: str, base: str, iters: int, mode: str, lr: float) -> str:
+def train_stage(out_dir: str, base: str, iters: int, mode: str, lr: float,
+                num_layers: int) -> str:
     """The acceptance stage from ``base``: main model frozen, heads on its own tokens."""
     return launch(os.path.join(out_dir, "d2_stage"), [
         "--load", base, "--finetune", "--freeze-main-model", "--mtp-self-distill", mode,
-        "--train-iters", str(iters), "--lr", str(lr), "--min-lr", str(lr / 10)])
+        "--train-iters", str(iters), "--lr", str(lr), "--min-lr", str(lr / 10)], num_layers)
 
 
 def randomize_heads(model, seed: int = 0) -> None:
@@ -162,6 +164,9 @@ def plot(report: Dict, path: str) -> None:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="runs/bench_spec")
+    parser.add_argument("--num-layers", type=int, default=6,
+                        help="Main-model depth (each MTP depth is one layer: the deeper the "
+                             "main model, the cheaper a draft relative to a verify).")
     parser.add_argument("--train-iters", type=int, default=1500)
     parser.add_argument("--stage-iters", type=int, default=600)
     parser.add_argument("--stage-mode", choices=("greedy", "kl"), default="greedy")
@@ -182,16 +187,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
-    before = args.load_before or train_base(args.out_dir, args.train_iters)
+    before = args.load_before or train_base(args.out_dir, args.train_iters, args.num_layers)
     after = args.load_after or train_stage(args.out_dir, before, args.stage_iters,
-                                           args.stage_mode, args.stage_lr)
+                                           args.stage_mode, args.stage_lr, args.num_layers)
 
     from mtp_megatron.experiments.speculative import heldout_prompts
     from mtp_megatron.inference.loading import single_rank
 
     prompts = heldout_prompts(args.prompts, args.prompt_bytes, args.seed)
     report = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-              "model_flags": " ".join(MODEL_FLAGS), "train_iters": args.train_iters,
+              "model_flags": " ".join(MODEL_FLAGS + ["--num-layers", str(args.num_layers)]),
+              "train_iters": args.train_iters,
               "stage_iters": args.stage_iters, "stage_mode": args.stage_mode,
               "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "load_average_start": os.getloadavg(),
