@@ -27,7 +27,7 @@ ROPE_TYPES = ("rope", "yarn")
 MLA_FIELDS = (
     ("q_lora_rank", None), ("kv_lora_rank", 32), ("qk_head_dim", 128),
     ("qk_pos_emb_head_dim", 64), ("v_head_dim", 128), ("qk_layernorm", False),
-    ("rope_type", None),
+    ("rope_type", "yarn"),
 )
 # (field, default): YaRN's settings, which mean nothing with --rope-type rope
 YARN_FIELDS = (

@@ -161,10 +161,9 @@ class ModelConfig:
         False, "Normalise the query and key/value latents (DeepSeek-V3's q_a_layernorm, "
         "kv_a_layernorm); with --multi-latent-attention only.", type=bool,
     )
-    rope_type: Optional[str] = option(
-        None, "MLA's rotary embedding: rope or yarn (default: yarn, megatron-core's MLA "
-        "default; with --rotary-scaling-factor 1 it is plain RoPE).", type=str,
-        choices=ROPE_TYPES,
+    rope_type: str = option(
+        "yarn", "MLA's rotary embedding: rope or yarn (megatron-core's MLA default; with "
+        "--rotary-scaling-factor 1 it is plain RoPE).", type=str, choices=ROPE_TYPES,
     )
     rotary_scaling_factor: float = option(
         1.0, "YaRN: context-extension factor (HF: rope_parameters.factor).", type=float
@@ -243,8 +242,8 @@ class ModelConfig:
 
     @property
     def mla_rope_type(self) -> str:
-        """MLA's rotary embedding: --rope-type, else megatron-core's MLA default (yarn)."""
-        return self.rope_type or "yarn"
+        """MLA's rotary embedding (--rope-type)."""
+        return self.rope_type
 
     @property
     def moe(self) -> bool:
