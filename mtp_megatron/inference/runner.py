@@ -54,7 +54,8 @@ class KVCachedRunner:
             self._contexts = [StaticInferenceContext(1, max_length)
                               for _ in range(1 + self.num_mtp_layers)]
             self._rope = None
-            if self.model.position_embedding_type == "rope":
+            if self.model.position_embedding_type == "rope" and \
+                    not self.model.config.multi_latent_attention:  # (MLA ropes its own)
                 self._rope = self.model.rotary_pos_emb(max_length)
         for ctx in self._contexts:
             ctx.reset()
