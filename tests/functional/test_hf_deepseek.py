@@ -200,3 +200,20 @@ def test_an_imported_deepseek_v3_trains_on_with_mtp(imported):
     rows = run.metrics()
     assert rows[-1]["lm loss"] < rows[0]["lm loss"] and rows[-1]["mtp_1 loss"] < rows[0][
         "mtp_1 loss"]
+
+
+def test_kv_cached_and_speculative_decoding_of_the_mla_model_match_full_recompute(ours):
+    """Generation (python -m mtp_megatron.generate) with MLA: megatron-core's MLA computes
+    its own rotary embedding, so the runner passes none; the KV-cached greedy tokens equal a
+    full forward per token, and MTP self-speculative decoding equals greedy."""
+    from mtp_megatron.inference import KVCachedRunner, generate
+
+    model, _ = ours
+    runner = KVCachedRunner(model, 500)
+    prompt = [5, 17, 200, 33, 9, 12]
+    greedy = generate(runner, prompt, max_new_tokens=12).tokens
+    seq = list(prompt)
+    for _ in range(12):
+        seq.append(int(our_logits(model, torch.tensor([seq]))[0, -1, :500].argmax()))
+    assert greedy == seq[len(prompt):]
+    assert generate(runner, prompt, max_new_tokens=12, draft_depth=1).tokens == greedy
