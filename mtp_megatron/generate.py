@@ -204,6 +204,11 @@ def run(args: argparse.Namespace) -> dict:
         ids = [encode(tokenizer, p, vocab_size=vocab, mock_data=saved_cfg.data.mock_data)
                for p in prompts]
         check_positions(ids, args, saved_cfg.model)
+        if args.batch_size > 1 and saved_cfg.model.multi_latent_attention:
+            raise UsageError(f"--batch-size {args.batch_size}: a checkpoint with "
+                             "--multi-latent-attention decodes with --batch-size 1 "
+                             "(megatron-core's MLA applies RoPE by cache column, which a "
+                             "batch's rows do not share)")
         with single_rank() as device:
             model, cfg, tokenizer = load_for_generation(args.load, device)
             return decode_prompts(

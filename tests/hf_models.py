@@ -57,9 +57,8 @@ def our_logits(model, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.size(1)).expand_as(ids)
     with torch.no_grad():
         embedded = model.embedding(input_ids=ids, position_ids=positions)
-        hidden = model.decoder(hidden_states=embedded,
-                               attention_mask=None,
-                               rotary_pos_emb=model.rotary_pos_emb(ids.size(1)))
+        rope = None if model.config.multi_latent_attention else model.rotary_pos_emb(ids.size(1))
+        hidden = model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rope)
         weight = (model.shared_embedding_or_output_weight()
                   if model.share_embeddings_and_output_weights else None)
         logits, _ = model.output_layer(hidden, weight=weight)

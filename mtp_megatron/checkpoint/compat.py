@@ -35,6 +35,9 @@ from mtp_megatron.config.mtp import MTPConfig, normalised_depth_weights
 
 logger = logging.getLogger("mtp_megatron")
 
+# Multi-latent attention's widths: compared when either side has MLA
+MLA_SHAPE_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                  "v_head_dim", "qk_layernorm")
 # Settings that must match between the checkpoint and the model it is loaded into.
 SHAPE_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -43,7 +46,8 @@ SHAPE_KEYS = {
               "make_vocab_size_divisible_by",  # compared only without a saved row count
               "num_experts", "moe_ffn_hidden_size",
               "moe_shared_expert_intermediate_size", "moe_layer_freq",
-              "moe_router_enable_expert_bias"),
+              "moe_router_enable_expert_bias",
+              "multi_latent_attention", *MLA_SHAPE_KEYS),
     "mtp": ("mtp_num_layers",),
 }
 # Settings that decide the optimizer's state format: they may change on resume only
@@ -70,8 +74,12 @@ def _effective(section: str, key: str, values: Dict[str, Any]) -> Any:
     if section == "model" and key == "moe_layer_freq":
         freq = parse_layer_freq(values.get(key) or 1)
         return list(layer_pattern(values.get("num_layers") or 0, freq))
-    if section == "model" and key == "moe_router_enable_expert_bias":
+    if section == "model" and key in ("moe_router_enable_expert_bias",
+                                      "multi_latent_attention"):
         return bool(values.get(key))
+    if section == "model" and key in MLA_SHAPE_KEYS:
+        # standard attention (or saved before MLA existed): no MLA shape
+        return values.get(key) if values.get("multi_latent_attention") else None
     return values.get(key)
 
 

@@ -14,6 +14,7 @@ from mtp_megatron.config.fields import (
     flag_of,
     option,
 )
+from mtp_megatron.config.mla import ROPE_TYPES, check_model_mla
 from mtp_megatron.config.moe import (
     LOAD_BALANCING,
     SCORE_FUNCTIONS,
@@ -138,10 +139,52 @@ class ModelConfig:
         False, "Grouped GEMM for the experts (Transformer Engine, GPU).", type=bool
     )
 
+    # Multi-latent attention (Megatron-LM's flags; rules in config/mla.py, docs/moe.md)
+    multi_latent_attention: bool = option(
+        False, "Multi-latent attention (DeepSeek-V2/V3): queries, keys and values from "
+        "low-rank latents.", type=bool,
+    )
+    q_lora_rank: Optional[int] = option(
+        None, "Rank of the query latent (omit: queries straight from the hidden state).",
+        type=int,
+    )
+    kv_lora_rank: int = option(32, "Rank of the key/value latent.", type=int)
+    qk_head_dim: int = option(
+        128, "Per-head query/key width without RoPE (HF: qk_nope_head_dim).", type=int
+    )
+    qk_pos_emb_head_dim: int = option(
+        64, "Per-head query/key width with RoPE (HF: qk_rope_head_dim; one key part shared "
+        "by all heads).", type=int,
+    )
+    v_head_dim: int = option(128, "Per-head value width.", type=int)
+    qk_layernorm: bool = option(
+        False, "Normalise the query and key/value latents (DeepSeek-V3's q_a_layernorm, "
+        "kv_a_layernorm); with --multi-latent-attention only.", type=bool,
+    )
+    rope_type: str = option(
+        "yarn", "MLA's rotary embedding: rope or yarn (megatron-core's MLA default; with "
+        "--rotary-scaling-factor 1 it is plain RoPE).", type=str, choices=ROPE_TYPES,
+    )
+    rotary_scaling_factor: float = option(
+        1.0, "YaRN: context-extension factor (HF: rope_parameters.factor).", type=float
+    )
+    mscale: float = option(1.0, "YaRN: mscale of the rotary cos/sin.", type=float)
+    mscale_all_dim: float = option(
+        0.0, "YaRN: mscale_all_dim (also scales the attention softmax).", type=float
+    )
+    yarn_original_max_position_embeddings: int = option(
+        4096, "YaRN: the context length before extension.", type=int
+    )
+    yarn_beta_fast: float = option(32.0, "YaRN: beta_fast of the correction range.",
+                                   type=float)
+    yarn_beta_slow: float = option(1.0, "YaRN: beta_slow of the correction range.",
+                                   type=float)
+
     def __post_init__(self):
         check_types(self)
         object.__setattr__(self, "moe_layer_freq", parse_layer_freq(self.moe_layer_freq))
         check_model_moe(self)
+        check_model_mla(self)
         if self.transformer_impl == "local" and self.attention_backend in ("flash", "fused",
                                                                            "unfused"):
             raise ConfigError(
@@ -172,7 +215,7 @@ class ModelConfig:
         check_float("--norm-epsilon", self.norm_epsilon, 0.0)
         if self.norm_epsilon == 0:
             raise ConfigError("--norm-epsilon", self.norm_epsilon, "a positive number")
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and not self.multi_latent_attention:
             raise ConfigError(
                 "--hidden-size", self.hidden_size,
                 f"a multiple of --num-attention-heads={self.num_attention_heads}",
@@ -196,6 +239,11 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def mla_rope_type(self) -> str:
+        """MLA's rotary embedding (--rope-type)."""
+        return self.rope_type
 
     @property
     def moe(self) -> bool:

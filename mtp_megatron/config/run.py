@@ -10,6 +10,7 @@ from mtp_megatron.config.checkpoint import CheckpointConfig
 from mtp_megatron.config.data import DataConfig
 from mtp_megatron.config.fields import ConfigError
 from mtp_megatron.config.logs import LoggingConfig
+from mtp_megatron.config.mla import check_parallel_mla
 from mtp_megatron.config.model import MTP_POSITION_EMBEDDINGS, ModelConfig
 from mtp_megatron.config.moe import check_parallel_moe
 from mtp_megatron.config.mtp import MTPConfig
@@ -45,6 +46,7 @@ class RunConfig:
         self._check_mtp()
         self._check_parallel_split()
         check_parallel_moe(self.model, self.parallel)
+        check_parallel_mla(self.model, self.parallel)
         self._check_precision()
         self._check_recompute()
 

@@ -20,8 +20,11 @@ Which one: RMSNorm + SwiGLU + RoPE -> Llama (``attention_bias = mlp_bias = not
 biases -> GPT-NeoX (``use_parallel_residual=False``, full rotary); with ``--num-experts`` ->
 GLM-4.5's ``Glm4MoeForCausalLM`` (Llama's attention and dense layers, MoE layers in
 ``hf/moe.py``, the MTP layers in the main weight files as GLM-4.5 and DeepSeek-V3 ship
-them). :func:`for_model` raises :class:`HFError` naming the flags to change for anything
-else.
+them); with ``--num-experts`` and ``--multi-latent-attention`` -> ``DeepseekV3ForCausalLM``
+(GLM-4.5's MoE and MTP layout, MLA's projections copied as they are: megatron-core and
+DeepSeek-V3 lay out each head ``[nope; rope]`` and the key/value latent ``[c_kv; k_pe]``
+the same way, and both de-interleave the rotary channels). :func:`for_model` raises
+:class:`HFError` naming the flags to change for anything else.
 """
 
 from __future__ import annotations
@@ -96,7 +99,28 @@ GLM4_MOE = Architecture(
     layer_prefix="model.layers.", layer_rules=LLAMA.layer_rules, moe=True,
 )
 
-BY_MODEL_TYPE = {arch.model_type: arch for arch in (LLAMA, GPT_NEOX, GLM4_MOE)}
+DEEPSEEK_V3 = Architecture(
+    name="deepseek_v3", hf_class="DeepseekV3ForCausalLM", model_type="deepseek_v3",
+    embedding="model.embed_tokens", final_norm="model.norm", output="lm_head",
+    layer_prefix="model.layers.",
+    layer_rules=(
+        Rule("input_layernorm", ("input_layernorm",)),
+        Rule("self_attention.linear_q_proj", ("self_attn.q_proj",)),
+        Rule("self_attention.linear_q_down_proj", ("self_attn.q_a_proj",)),
+        Rule("self_attention.q_layernorm", ("self_attn.q_a_layernorm",)),
+        Rule("self_attention.linear_q_up_proj", ("self_attn.q_b_proj",)),
+        Rule("self_attention.linear_kv_down_proj", ("self_attn.kv_a_proj_with_mqa",)),
+        Rule("self_attention.kv_layernorm", ("self_attn.kv_a_layernorm",)),
+        Rule("self_attention.linear_kv_up_proj", ("self_attn.kv_b_proj",)),
+        Rule("self_attention.linear_proj", ("self_attn.o_proj",)),
+    ) + LLAMA.layer_rules[3:],  # post_attention_layernorm, the dense MLP
+    moe=True,
+)
+# transformers' DeepSeek-V3 latent norms (q_a_layernorm, kv_a_layernorm) have this epsilon
+# whatever rms_norm_eps says (vLLM's use rms_norm_eps): the two agree only at this value
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
+
+BY_MODEL_TYPE = {arch.model_type: arch for arch in (LLAMA, GPT_NEOX, GLM4_MOE, DEEPSEEK_V3)}
 
 
 def for_model(model: ModelConfig) -> Architecture:
@@ -107,6 +131,9 @@ def for_model(model: ModelConfig) -> Architecture:
             "export here: Llama and GPT-NeoX use rotary embeddings (--position-embedding-type "
             "rope)"
         )
+    if model.multi_latent_attention:
+        check_deepseek_v3(model)
+        return DEEPSEEK_V3
     if model.moe:
         check_glm4_moe(model)
         return GLM4_MOE
@@ -171,3 +198,27 @@ def check_glm4_moe(model: ModelConfig) -> None:
                      f"--moe-router-group-topk={model.moe_router_group_topk}: GLM-4.5 and "
                      "DeepSeek-V3 score a group by its top-2 experts, megatron-core by its "
                      "top (topk / group-topk): they agree only when topk = 2 x group-topk")
+
+
+def check_deepseek_v3(model: ModelConfig) -> None:
+    """What ``DeepseekV3ForCausalLM`` cannot express, as HFError naming our flags: its MoE
+    rules are GLM-4.5's (:func:`check_glm4_moe`), then MLA's."""
+    def refuse(why: str) -> HFError:
+        return HFError(f"no Hugging Face architecture expresses this MLA model: {why}")
+
+    if not model.moe:
+        raise refuse("DeepSeek-V3 (the MLA architecture) has MoE layers after its dense "
+                     "ones, and its MTP layers are MoE: add --num-experts")
+    check_glm4_moe(model)
+    if not model.qk_layernorm:
+        raise refuse("DeepSeek-V3 normalises the query and key/value latents "
+                     "(q_a_layernorm, kv_a_layernorm): train with --qk-layernorm")
+    if model.norm_epsilon != DEEPSEEK_LATENT_NORM_EPS:
+        raise refuse(f"--norm-epsilon={model.norm_epsilon}: transformers' DeepSeek-V3 latent "
+                     f"norms use {DEEPSEEK_LATENT_NORM_EPS} whatever rms_norm_eps says; train "
+                     f"with --norm-epsilon {DEEPSEEK_LATENT_NORM_EPS}")
+    if model.mla_rope_type == "yarn" and model.rotary_scaling_factor > 1 and \
+            model.mscale != 1.0 and not model.mscale_all_dim:
+        raise refuse(f"--mscale={model.mscale} with --mscale-all-dim 0: transformers' YaRN "
+                     "ignores mscale unless mscale_all_dim is set; use --mscale 1 or a "
+                     "positive --mscale-all-dim")

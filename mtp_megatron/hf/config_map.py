@@ -1,4 +1,5 @@
-"""Our ``model:`` section <-> a Hugging Face ``config.json`` (Llama, GPT-NeoX, GLM-4.5 MoE).
+"""Our ``model:`` section <-> a Hugging Face ``config.json`` (Llama, GPT-NeoX, GLM-4.5 MoE;
+DeepSeek-V3 in ``hf/deepseek_v3.py``).
 
     arch = for_model(cfg.model); kwargs = hf_config_kwargs(arch, cfg.model, vocab_size=V)
     arch, model_values = model_values_from_hf(AutoConfig.from_pretrained(hf_dir))
@@ -15,7 +16,14 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from mtp_megatron.config import ModelConfig
-from mtp_megatron.hf.architectures import BY_MODEL_TYPE, GLM4_MOE, LLAMA, Architecture, dense_prefix
+from mtp_megatron.hf.architectures import (
+    BY_MODEL_TYPE,
+    DEEPSEEK_V3,
+    GLM4_MOE,
+    LLAMA,
+    Architecture,
+    dense_prefix,
+)
 from mtp_megatron.hf.deps import HFError
 
 # Imported runs train on sequences of at most this length unless --seq-length says otherwise.
@@ -33,6 +41,10 @@ def hf_config_kwargs(arch: Architecture, model: ModelConfig, *, vocab_size: int
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
     )
     theta = float(model.rotary_base)
+    if arch is DEEPSEEK_V3:
+        from mtp_megatron.hf.deepseek_v3 import deepseek_v3_kwargs  # (it imports this module)
+
+        return dict(common, **deepseek_v3_kwargs(model, theta))
     if arch is GLM4_MOE:
         return dict(common, **glm4_moe_kwargs(model, theta))
     if arch is LLAMA:
@@ -58,11 +70,18 @@ def glm4_moe_kwargs(model: ModelConfig, theta: float) -> Dict[str, Any]:
     rotates whole heads (partial_rotary_factor 1.0; GLM-4.5's default is 0.5), and scores
     groups by their top-2 experts when topk = 2 x group-topk."""
     return dict(
-        hidden_act="silu", num_key_value_heads=model.query_groups,
-        head_dim=model.hidden_size // model.num_attention_heads,
-        rms_norm_eps=model.norm_epsilon, attention_bias=False, use_qk_norm=False,
+        moe_kwargs(model), num_key_value_heads=model.query_groups,
+        head_dim=model.hidden_size // model.num_attention_heads, use_qk_norm=False,
         rope_parameters={"rope_type": "default", "rope_theta": theta,
                          "partial_rotary_factor": 1.0},
+    )
+
+
+def moe_kwargs(model: ModelConfig) -> Dict[str, Any]:
+    """The MoE fields GLM-4.5's and DeepSeek-V3's configs share (RMSNorm, SwiGLU, no
+    biases, sigmoid routing with e_score_correction_bias)."""
+    return dict(
+        hidden_act="silu", rms_norm_eps=model.norm_epsilon, attention_bias=False,
         n_routed_experts=model.num_experts, num_experts_per_tok=model.moe_router_topk,
         moe_intermediate_size=model.moe_ffn_size,
         n_shared_experts=model.moe_shared_expert_intermediate_size // model.moe_ffn_size,
@@ -78,6 +97,10 @@ def legacy_config_keys(arch: Architecture, model: ModelConfig) -> Dict[str, Any]
     ``rope_parameters``: without ``rotary_pct`` they would rotate a quarter of each
     GPT-NeoX head (that class's default); vLLM reads GLM-4.5's top-level
     ``partial_rotary_factor`` (default 0.5)."""
+    if arch is DEEPSEEK_V3:
+        from mtp_megatron.hf.deepseek_v3 import deepseek_v3_legacy_keys
+
+        return deepseek_v3_legacy_keys(model)
     if arch is GLM4_MOE:
         return {"rope_theta": float(model.rotary_base), "partial_rotary_factor": 1.0}
     if arch is LLAMA:
@@ -96,7 +119,7 @@ def _rope(hf_config) -> Dict[str, Any]:
     return params
 
 
-def _refuse(where: str, key: str, value: Any, need: str) -> HFError:
+def refuse_key(where: str, key: str, value: Any, need: str) -> HFError:
     return HFError(f"{where}: {key}={value!r} is not supported; this import needs {need}")
 
 
@@ -108,19 +131,34 @@ def model_values_from_hf(hf_config, where: str = "config.json"
         raise HFError(f"{where}: model_type={getattr(hf_config, 'model_type', None)!r}; "
                       f"supported: {', '.join(sorted(BY_MODEL_TYPE))}")
     rope = _rope(hf_config)
+    if arch is DEEPSEEK_V3:
+        from mtp_megatron.hf.deepseek_v3 import deepseek_v3_values
+
+        return arch, dict(_common_values(hf_config, rope["rope_theta"]),
+                          **deepseek_v3_values(hf_config, rope, where))
     if rope["rope_type"] != "default":
-        raise _refuse(where, "rope_type", rope["rope_type"], "plain RoPE (rope_type default)")
+        raise refuse_key(where, "rope_type", rope["rope_type"], "plain RoPE (rope_type default)")
     theta = rope["rope_theta"]
     if float(theta) != int(theta):
-        raise _refuse(where, "rope_theta", theta, "an integer base (--rotary-base)")
+        raise refuse_key(where, "rope_theta", theta, "an integer base (--rotary-base)")
     heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     if head_dim * heads != hidden:
-        raise _refuse(where, "head_dim", head_dim, f"hidden_size / num_attention_heads = "
+        raise refuse_key(where, "head_dim", head_dim, f"hidden_size / num_attention_heads = "
                                                    f"{hidden // heads}")
+    values = _common_values(hf_config, theta)
+    if arch is GLM4_MOE:
+        return arch, dict(values, **_glm4_moe(hf_config, rope, where))
+    if arch is LLAMA:
+        return arch, dict(values, **_llama(hf_config, where))
+    return arch, dict(values, **_gpt_neox(hf_config, rope, where))
+
+
+def _common_values(hf_config, theta) -> Dict[str, Any]:
     max_pos = hf_config.max_position_embeddings
-    values = dict(
-        num_layers=hf_config.num_hidden_layers, hidden_size=hidden, num_attention_heads=heads,
+    return dict(
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
         ffn_hidden_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
         max_position_embeddings=max_pos, seq_length=min(max_pos, MAX_IMPORTED_SEQ_LENGTH),
         position_embedding_type="rope", rotary_base=int(theta),
@@ -129,39 +167,40 @@ def model_values_from_hf(hf_config, where: str = "config.json"
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         hidden_dropout=float(getattr(hf_config, "hidden_dropout", 0.0) or 0.0),
     )
-    if arch is GLM4_MOE:
-        return arch, dict(values, **_glm4_moe(hf_config, rope, where))
-    if arch is LLAMA:
-        return arch, dict(values, **_llama(hf_config, where))
-    return arch, dict(values, **_gpt_neox(hf_config, rope, where))
 
 
 def _glm4_moe(hf_config, rope: Dict[str, Any], where: str) -> Dict[str, Any]:
     """A GLM-4.5 MoE config as our flags; what megatron-core cannot build is refused."""
     if hf_config.hidden_act != "silu":
-        raise _refuse(where, "hidden_act", hf_config.hidden_act, "silu (SwiGLU)")
+        raise refuse_key(where, "hidden_act", hf_config.hidden_act, "silu (SwiGLU)")
     for key, need in (("attention_bias", "False (megatron-core's --disable-bias-linear "
                                          "covers every linear, not q/k/v only)"),
                       ("use_qk_norm", "False")):
         if getattr(hf_config, key, False):
-            raise _refuse(where, key, True, need)
+            raise refuse_key(where, key, True, need)
     factor = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 0.5))
     if factor != 1.0:
-        raise _refuse(where, "partial_rotary_factor", factor, "1.0 (whole heads rotated)")
+        raise refuse_key(where, "partial_rotary_factor", factor, "1.0 (whole heads rotated)")
+    return dict(_llama_norms(hf_config), **moe_values(hf_config, where))
+
+
+def moe_values(hf_config, where: str) -> Dict[str, Any]:
+    """GLM-4.5's and DeepSeek-V3's MoE fields as our flags (sigmoid routing with expert
+    bias, dense layers first, shared experts); what megatron-core cannot build is refused."""
     topk, groups = hf_config.num_experts_per_tok, hf_config.n_group
     if bool(hf_config.norm_topk_prob) != (topk > 1):
-        raise _refuse(where, "norm_topk_prob", hf_config.norm_topk_prob,
+        raise refuse_key(where, "norm_topk_prob", hf_config.norm_topk_prob,
                       f"{topk > 1} with num_experts_per_tok={topk} (megatron-core normalises "
                       "the chosen sigmoid scores exactly when top-k > 1)")
     if groups > 1 and topk != 2 * hf_config.topk_group:
-        raise _refuse(where, "topk_group", hf_config.topk_group,
+        raise refuse_key(where, "topk_group", hf_config.topk_group,
                       f"num_experts_per_tok / 2 = {topk / 2} (groups scored by their top-2)")
     layers, dense = hf_config.num_hidden_layers, hf_config.first_k_dense_replace
     groups_kw = dict(moe_router_num_groups=groups, moe_router_group_topk=hf_config.topk_group) \
         if groups > 1 else {}
     scaling = float(hf_config.routed_scaling_factor)
     return dict(
-        _llama_norms(hf_config), swiglu=True, disable_bias_linear=True,
+        swiglu=True, disable_bias_linear=True,
         num_experts=hf_config.n_routed_experts, moe_router_topk=topk,
         moe_ffn_hidden_size=hf_config.moe_intermediate_size,
         moe_shared_expert_intermediate_size=(
@@ -181,7 +220,7 @@ def _llama_norms(hf_config) -> Dict[str, Any]:
 
 def _llama(hf_config, where: str) -> Dict[str, Any]:
     if hf_config.hidden_act != "silu":
-        raise _refuse(where, "hidden_act", hf_config.hidden_act, "silu (SwiGLU, --swiglu)")
+        raise refuse_key(where, "hidden_act", hf_config.hidden_act, "silu (SwiGLU, --swiglu)")
     attention_bias, mlp_bias = bool(hf_config.attention_bias), bool(hf_config.mlp_bias)
     if attention_bias != mlp_bias:
         raise HFError(
@@ -198,16 +237,16 @@ def _llama(hf_config, where: str) -> Dict[str, Any]:
 
 def _gpt_neox(hf_config, rope: Dict[str, Any], where: str) -> Dict[str, Any]:
     if hf_config.hidden_act != "gelu":
-        raise _refuse(where, "hidden_act", hf_config.hidden_act, "gelu (exact, erf-based)")
+        raise refuse_key(where, "hidden_act", hf_config.hidden_act, "gelu (exact, erf-based)")
     if hf_config.use_parallel_residual:
-        raise _refuse(where, "use_parallel_residual", True,
+        raise refuse_key(where, "use_parallel_residual", True,
                       "False (megatron-core layers add attention, then the MLP)")
     factor = rope.get("partial_rotary_factor", 1.0)
     if factor != 1.0:
-        raise _refuse(where, "rotary_pct (partial_rotary_factor)", factor,
+        raise refuse_key(where, "rotary_pct (partial_rotary_factor)", factor,
                       "1.0 (megatron-core here rotates whole heads)")
     if not getattr(hf_config, "attention_bias", True):
-        raise _refuse(where, "attention_bias", False,
+        raise refuse_key(where, "attention_bias", False,
                       "True (one --disable-bias-linear for attention and MLP)")
     return dict(normalization="LayerNorm", swiglu=False, disable_bias_linear=False,
                 norm_epsilon=hf_config.layer_norm_eps, num_query_groups=None)

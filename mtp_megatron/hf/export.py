@@ -32,7 +32,7 @@ logger = logging.getLogger("mtp_megatron")
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 CONFIG_CLASSES = {"llama": "LlamaConfig", "gpt_neox": "GPTNeoXConfig",
-                  "glm4_moe": "Glm4MoeConfig"}
+                  "glm4_moe": "Glm4MoeConfig", "deepseek_v3": "DeepseekV3Config"}
 
 
 @dataclass
@@ -161,7 +161,8 @@ def export(load: str, out: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     elif cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.mock_data:
         shutil.copyfile(cfg.data.tokenizer_model, os.path.join(out, "tokenizer.model"))
         written.append("tokenizer.model")
-    kind = {"llama": "Llama", "gpt_neox": "GPT-NeoX", "glm4_moe": "GLM-4.5 MoE"}[arch.name]
+    kind = {"llama": "Llama", "gpt_neox": "GPT-NeoX", "glm4_moe": "GLM-4.5 MoE",
+            "deepseek_v3": "DeepSeek-V3"}[arch.name]
     logger.info("exported %s (%s, %d MTP tensors) to %s: %s", load, kind, len(mtp), out,
                 ", ".join(written))
     return ExportResult(out, arch.hf_class, written, sorted(mtp))

@@ -53,7 +53,12 @@ class KVCachedRunner:
         (``max_columns``: cache columns, ``max_length`` by default; holes left by rows
         that advance unevenly need more, or compaction)."""
         self.max_length = max_length
-        if self.model.position_embedding_type == "rope" and self._rope_length < max_length:
+        mla = self.model.config.multi_latent_attention
+        if mla and batch_size > 1:  # generate.py refuses it first, naming --batch-size
+            raise ValueError("multi-latent attention decodes one row at a time: megatron-core's "
+                             "MLA applies RoPE by cache column, which a batch's rows do not share")
+        if self.model.position_embedding_type == "rope" and not mla \
+                and self._rope_length < max_length:  # (MLA ropes its own, by column)
             self._rope = self.model.rotary_pos_emb(max_length)
             self._rope_length = max_length
         columns = max(max_columns, max_length)

@@ -21,10 +21,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from mtp_megatron.config import RunConfig, padded_vocab_size
 from mtp_megatron.model.local_norms import with_sequence_parallel_norms
+from mtp_megatron.model.mla import local_mla_spec, mla_config_kwargs
 from mtp_megatron.model.moe import decoder_block_spec, mark_routed_experts, moe_config_kwargs
 from mtp_megatron.runtime import mcore_compat
 
@@ -38,7 +39,8 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
-    """Our sections as a megatron-core TransformerConfig (MTP settings included)."""
+    """Our sections as a megatron-core TransformerConfig (MTP settings included); an
+    ``MLATransformerConfig`` with --multi-latent-attention."""
     model, par, train, mtp = cfg.model, cfg.parallel, cfg.training, cfg.mtp
     dtype = params_dtype(cfg)
     fp8 = {}
@@ -46,7 +48,8 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
         fp8 = dict(fp8=train.fp8_format, fp8_recipe=train.fp8_recipe,
                    fp8_amax_history_len=train.fp8_amax_history_len,
                    fp8_amax_compute_algo="max")
-    return TransformerConfig(
+    config_class = MLATransformerConfig if model.multi_latent_attention else TransformerConfig
+    return config_class(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -84,6 +87,7 @@ def transformer_config(cfg: RunConfig, *, on_cpu: bool) -> TransformerConfig:
                                          detach_heads=mtp.mtp_detach_heads),
         **_p2p_settings(cfg),
         **moe_config_kwargs(cfg),
+        **mla_config_kwargs(model),
         **fp8,
     )
 
@@ -100,10 +104,15 @@ def _p2p_settings(cfg: RunConfig) -> dict:
 
 def layer_spec(cfg: RunConfig, transformer_impl: str, tconfig: Optional[TransformerConfig] = None,
                vp_stage: Optional[int] = None):
-    """The decoder's layer spec: one for every layer, or with --num-experts the block spec
-    of this (virtual) stage, MoE or dense per layer (``model/moe.py``)."""
-    if cfg.model.moe:
-        return decoder_block_spec(cfg, tconfig, transformer_impl, vp_stage)
+    """The decoder's layer spec: one for every layer, or with --num-experts or
+    --multi-latent-attention the block spec of this (virtual) stage, MoE or dense per layer
+    (``model/moe.py``), MLA layers with a core attention the local backend can build
+    (``model/mla.py``)."""
+    if cfg.model.moe or cfg.model.multi_latent_attention:
+        spec = decoder_block_spec(cfg, tconfig, transformer_impl, vp_stage)
+        if cfg.model.multi_latent_attention and transformer_impl == "local":
+            spec = local_mla_spec(spec)
+        return spec
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
@@ -128,8 +137,10 @@ def build_gpt_chunk(cfg: RunConfig, tconfig: TransformerConfig, transformer_impl
             tconfig, spec, use_transformer_engine=transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
-    if cfg.model.moe and transformer_impl == "local" and cfg.parallel.sequence_parallel:
-        # MoE under TP needs sequence parallelism, which torch's norms refuse unmarked
+    if (cfg.model.moe or cfg.model.multi_latent_attention) and transformer_impl == "local" \
+            and cfg.parallel.sequence_parallel:
+        # MoE under TP needs sequence parallelism, which torch's norms refuse unmarked (MLA:
+        # its latent norms too)
         spec, mtp_spec = with_sequence_parallel_norms(spec), with_sequence_parallel_norms(mtp_spec)
     with mcore_compat.gpt_model_deprecation_silenced():
         model = _gpt_model(cfg, tconfig, spec, mtp_spec, vocab_size, vp_stage)

@@ -11,6 +11,12 @@ Mixture of Experts: an MoE layer holds a router (``E x h``), ``E`` routed expert
 ``--moe-ffn-hidden-size`` and the shared experts (``--moe-shared-expert-intermediate-size``);
 a token passes the router, its top-k experts and the shared experts, so its FLOPs count
 the *active* experts only. The MTP layers have the last decoder layer's type.
+
+Multi-latent attention (``--multi-latent-attention``, ``n`` heads): the query comes from
+the hidden state through a ``--q-lora-rank`` latent (``h x q_lora + q_lora x n(d_qk +
+d_pe)``; without it ``h x n(d_qk + d_pe)``), keys and values from one latent
+(``h x (kv_lora + d_pe)`` down, ``kv_lora x n(d_qk + d_v)`` up), the output projection
+is ``n d_v x h``; its scores cost ``2 s n (d_qk + d_pe)`` and ``2 s n d_v`` per token.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ class Sizes:
     topk: int = 0
     moe_ffn: int = 0
     shared: int = 0  # total shared-expert width
+    mla: bool = False  # multi-latent attention: the widths below (0 without)
+    q_lora: int = 0  # 0: queries straight from the hidden state
+    kv_lora: int = 0
+    qk: int = 0  # per-head query/key width without RoPE
+    pe: int = 0  # per-head RoPE width (the key's part shared by all heads)
+    v: int = 0
 
 
 def sizes(cfg: RunConfig, vocab_size: int) -> Sizes:
@@ -52,11 +64,39 @@ def sizes(cfg: RunConfig, vocab_size: int) -> Sizes:
         experts=m.num_experts or 0, topk=m.moe_router_topk if m.moe else 0,
         moe_ffn=m.moe_ffn_size if m.moe else 0,
         shared=m.moe_shared_expert_intermediate_size or 0,
+        **_mla_sizes(m),
     )
 
 
+def _mla_sizes(m) -> Dict[str, int]:
+    if not m.multi_latent_attention:
+        return {}
+    return dict(mla=True, q_lora=m.q_lora_rank or 0, kv_lora=m.kv_lora_rank,
+                qk=m.qk_head_dim, pe=m.qk_pos_emb_head_dim, v=m.v_head_dim)
+
+
+def mla_matmul_params(s: Sizes) -> Dict[str, int]:
+    """Multi-latent attention's projections by megatron-core's module name."""
+    q = s.heads * (s.qk + s.pe)
+    parts = dict(linear_q_down_proj=s.h * s.q_lora, linear_q_up_proj=s.q_lora * q) \
+        if s.q_lora else dict(linear_q_proj=s.h * q)
+    parts.update(linear_kv_down_proj=s.h * (s.kv_lora + s.pe),
+                 linear_kv_up_proj=s.kv_lora * s.heads * (s.qk + s.v),
+                 linear_proj=s.heads * s.v * s.h)
+    return parts
+
+
 def attention_matmul_params(s: Sizes) -> int:
+    if s.mla:
+        return sum(mla_matmul_params(s).values())
     return s.h * (s.h + 2 * s.kv) + s.h * s.h  # QKV, output projection
+
+
+def attention_score_flops(s: Sizes) -> int:
+    """Forward FLOPs per token of one layer's QK^T and AV (full s x s)."""
+    if s.mla:
+        return 2 * s.seq * s.heads * (s.qk + s.pe + s.v)
+    return 2 * 2 * s.seq * s.h
 
 
 def mlp_matmul_params(s: Sizes, width: int) -> int:
@@ -101,7 +141,7 @@ def model_params(cfg: RunConfig, vocab_size: int) -> Dict[str, int]:
 def flops_per_token(cfg: RunConfig, vocab_size: int, *, with_mtp: bool = True) -> Dict[str, float]:
     """Training FLOPs per token (forward + backward), split by where they are spent."""
     s = sizes(cfg, vocab_size)
-    attention = 2 * 2 * s.seq * s.h  # QK^T and AV, per token, per layer (forward)
+    attention = attention_score_flops(s)  # QK^T and AV, per token, per layer (forward)
     types = layer_types(cfg)
 
     def layer(moe: bool) -> float:  # a token's forward FLOPs: the active experts only

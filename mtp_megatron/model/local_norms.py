@@ -17,11 +17,10 @@ norm with that mark; :func:`with_sequence_parallel_norms` swaps it into a layer 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import torch
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from mtp_megatron.model.spec_edit import replace_module
 
 
 class SequenceParallelTorchNorm:
@@ -39,18 +38,4 @@ class SequenceParallelTorchNorm:
 def with_sequence_parallel_norms(spec):
     """A copy of ``spec`` (module specs, submodule dataclasses, lists, partials) with every
     ``WrappedTorchNorm`` replaced by :class:`SequenceParallelTorchNorm`."""
-    if spec is WrappedTorchNorm:
-        return SequenceParallelTorchNorm
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(with_sequence_parallel_norms(s) for s in spec)
-    if isinstance(spec, dict):
-        return {k: with_sequence_parallel_norms(v) for k, v in spec.items()}
-    if isinstance(spec, functools.partial):
-        return functools.partial(with_sequence_parallel_norms(spec.func),
-                                 *with_sequence_parallel_norms(spec.args),
-                                 **with_sequence_parallel_norms(spec.keywords))
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{
-            f.name: with_sequence_parallel_norms(getattr(spec, f.name))
-            for f in dataclasses.fields(spec) if f.init})
-    return spec
+    return replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)

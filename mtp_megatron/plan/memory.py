@@ -29,6 +29,7 @@ from mtp_megatron.model.counting import (
     Sizes,
     attention_matmul_params,
     layer_types,
+    mla_matmul_params,
     mlp_matmul_params,
     sizes,
 )
@@ -68,13 +69,26 @@ def _mlp_shards(s: Sizes, width: int) -> Shards:
     return Shards(split, s.h if s.bias else 0)  # fc2's (row-parallel) bias is whole
 
 
+def _mla_shards(cfg: RunConfig, s: Sizes) -> Shards:
+    """Multi-latent attention and the layer's two norms: every projection split over TP
+    on the local backend; Transformer Engine keeps the down projections whole. The latent
+    norms (--qk-layernorm) are whole; only the output projection has a bias (whole)."""
+    parts = mla_matmul_params(s)
+    down = parts.get("linear_q_down_proj", 0) + parts["linear_kv_down_proj"]
+    whole = down if cfg.model.transformer_impl == "transformer_engine" else 0
+    per_width = s.norm // s.h
+    norms = per_width * ((s.q_lora + s.kv_lora) if cfg.model.qk_layernorm else 0)
+    return Shards(sum(parts.values()) - whole,
+                  2 * s.norm + whole + norms + (s.h if s.bias else 0))
+
+
 def layer_shards(cfg: RunConfig, s: Sizes, moe: bool = False) -> Shards:
     """One transformer layer, dense or MoE: attention, then the MLP, or the router
     (whole on every TP rank), the routed experts (split over ETP x EP) and the shared
     experts (split over TP)."""
     g = 2 if s.swiglu else 1
-    attention = Shards(attention_matmul_params(s), 2 * s.norm)
-    if s.bias:
+    attention = _mla_shards(cfg, s) if s.mla else Shards(attention_matmul_params(s), 2 * s.norm)
+    if s.bias and not s.mla:
         attention += Shards(s.h + 2 * s.kv, s.h)  # QKV bias split, projection bias whole
     if not moe:
         return attention + _mlp_shards(s, s.ffn)
@@ -199,13 +213,22 @@ def layer_activation_bytes_per_token(cfg: RunConfig, s: Sizes, moe: bool = False
     if moe:
         mlp = (s.shared * g + s.shared) if s.shared else 0
         sequence += 4 * s.experts + act * s.topk * (s.h + s.moe_ffn * g + s.moe_ffn)
-    split = act * ((s.h + 2 * s.kv) + s.h + mlp)
+    split = act * (_attention_saved_width(s) + mlp)
     if not fused_attention(cfg) and cfg.training.recompute_granularity != "selective":
         probs = s.heads * s.seq
         split += act * probs
         if model.attention_dropout > 0:
             split += probs + act * probs  # mask + dropped probabilities
     return sequence / seq_split + split / tp
+
+
+def _attention_saved_width(s: Sizes) -> int:
+    """Per token, what attention saves split by TP: Q, K, V and the attention output (MLA:
+    also its latents, counted as split though TP ranks hold them whole: an estimate)."""
+    if not s.mla:
+        return (s.h + 2 * s.kv) + s.h
+    return (2 * s.heads * (s.qk + s.pe) + 2 * s.heads * s.v + s.q_lora + s.kv_lora
+            + s.pe)
 
 
 def layer_input_bytes_per_token(cfg: RunConfig, s: Sizes) -> float:

@@ -49,19 +49,32 @@ def header(plan: Plan) -> List[str]:
         mtp += " (detached heads: MTP gradients stop at the MTP layers)"
     vpp = cfg.virtual_pipeline_size
     vpp = f", {vpp} virtual stages per rank" if vpp else ""
+    groups = "" if m.multi_latent_attention else f" ({m.query_groups} query groups)"
     return [
         f"Plan for {plan.world_size} GPUs: TP {tp} x CP {cp} x DP {dp} x PP {pp}{vpp}",
-        f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
-        f"({m.query_groups} query groups), ffn {m.ffn_size}{' SwiGLU' if m.swiglu else ''}, "
+        f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads"
+        f"{groups}, ffn {m.ffn_size}{' SwiGLU' if m.swiglu else ''}, "
         f"seq {m.seq_length}, vocab {plan.vocab_size} (padded), "
         f"{'untied' if m.untie_embeddings_and_output_weights else 'tied'} embeddings, {mtp}",
-    ] + _moe_header(plan) + [
+    ] + _mla_header(plan) + _moe_header(plan) + [
         f"  batch: micro {train.micro_batch_size}, global {train.global_batch_size} "
         f"= {cfg.num_microbatches} micro-batches per DP rank per step; "
         f"{'bf16' if train.bf16 else 'fp16' if train.fp16 else 'fp32'}, "
         f"{'distributed' if par.use_distributed_optimizer else 'replicated'} optimizer"
         f"{', sequence parallel' if par.sequence_parallel else ''}",
     ]
+
+
+def _mla_header(plan: Plan) -> List[str]:
+    m = plan.cfg.model
+    if not m.multi_latent_attention:
+        return []
+    q = f"query latent {m.q_lora_rank}" if m.q_lora_rank else "no query latent"
+    yarn = f", YaRN x{m.rotary_scaling_factor:g}" if m.mla_rope_type == "yarn" and \
+        m.rotary_scaling_factor > 1 else f", {m.mla_rope_type}"
+    return [f"  attention: multi-latent ({q}, key/value latent {m.kv_lora_rank}, per head "
+            f"qk {m.qk_head_dim} + rope {m.qk_pos_emb_head_dim}, v {m.v_head_dim}"
+            f"{', latent norms' if m.qk_layernorm else ''}{yarn})"]
 
 
 def _moe_header(plan: Plan) -> List[str]:

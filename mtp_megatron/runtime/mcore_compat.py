@@ -280,6 +280,8 @@ _CPU_TORCH_MODULES = (
     # Mixture of Experts (0.19; MoE is refused on 0.16, see check_config)
     "megatron.core.transformer.moe.router",               # gating weight .to(current_device)
     "megatron.core.transformer.moe.token_dispatcher",     # alltoall: device-to-host stream
+    # Multi-latent attention (0.19; refused on 0.16, see check_config)
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",  # inv_freq devices
 )
 
 
@@ -374,6 +376,9 @@ def check_config(cfg, found: Optional[str] = None) -> None:
     * a tested release (:func:`check_supported`);
     * ``--num-experts`` (Mixture of Experts, expert parallelism): trained and tested on 0.19
       only (its CPU bridge entries, metrics tracker and tests); refused on 0.16;
+    * ``--multi-latent-attention``: built, trained and tested on 0.19 only (its local core
+      attention, ``model/mla.py``, is written against 0.19's ``DotProductAttention``);
+      refused on 0.16;
     * ``--mtp-use-repeated-layer`` / ``--mtp-detach-heads``: TransformerConfig fields since
       0.19; refused on 0.16;
     * FP8 + ``--recompute-granularity full`` + MTP: before 0.18 the MTP layers' gradients
@@ -391,6 +396,13 @@ def check_config(cfg, found: Optional[str] = None) -> None:
             f"megatron-core {LINES[MAIN_LINE][0]} (Python 3.12)",
             f"megatron-core {found} is installed; Mixture-of-Experts is trained and tested "
             "on the main stack only (docs/moe.md)",
+        )
+    if name != MAIN_LINE and cfg.model.multi_latent_attention:
+        raise ConfigError(
+            "--multi-latent-attention", True,
+            f"megatron-core {LINES[MAIN_LINE][0]} (Python 3.12)",
+            f"megatron-core {found} is installed; multi-latent attention is trained and "
+            "tested on the main stack only (docs/moe.md)",
         )
     if name == "0.19" or not mtp.enabled:
         return

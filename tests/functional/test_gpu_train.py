@@ -47,8 +47,9 @@ MOE_EXAMPLE = ["--config", "examples/dsv3_moe_tiny_cpu.yaml", "--train-iters", "
 @pytest.mark.parametrize("impl,extra", [("local", []),
                                         ("transformer_engine", ["--moe-grouped-gemm"])])
 def test_bf16_moe_mtp_trains_on_one_gpu(impl, extra, tmp_path):
-    """The DeepSeek-V3-shaped example (MoE MTP layer, expert bias) on the GPU: local
-    experts, and Transformer Engine's spec with grouped GEMMs (not testable on CPU)."""
+    """The DeepSeek-V3-shaped example (multi-latent attention, MLA + MoE MTP layer, expert
+    bias) on the GPU: local MLA core attention and experts, and Transformer Engine's MLA
+    spec with grouped GEMMs (not testable on CPU)."""
     if impl not in _impls():
         pytest.skip("Transformer Engine is not installed")
     run = launch(MOE_EXAMPLE + ["--transformer-impl", impl] + extra,

@@ -11,6 +11,7 @@ and computes, for a batch ``tokens, labels, loss_mask`` (``[b, s]``)::
                    mtp_k = masked mean of CE(OutHead(h^k_i), labels_{i+k}), mask_{i+k}
     objective      lm + factor * sum_k w_k mtp_k      (w_k = 1 / D unless depth_weights)
                    (+ each MoE layer's balancing loss, tests/reference/moe.py)
+    Attn           causal softmax attention, or multi-latent (tests/reference/mla.py)
 
 DeepSeek-V3 (arXiv:2412.19437, section 2.2, eqs. 21-25) shrinks the sequence by one
 position per depth; we do the same (positions ``i >= s - k`` have no target). Attention
@@ -34,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from tests.reference.mla import MLAReference, mla_attention
 from tests.reference.moe import MoEReference, moe_mlp
 
 Weights = Dict[str, torch.Tensor]
@@ -55,6 +57,7 @@ class ReferenceConfig:
     # w_1..w_D summing to 1 (--mtp-depth-weights, normalised); () = uniform, 1 / D each
     depth_weights: Tuple[float, ...] = ()
     moe: Optional[MoEReference] = None  # MoE layers (tests/reference/moe.py)
+    mla: Optional[MLAReference] = None  # multi-latent attention (tests/reference/mla.py)
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +85,9 @@ def rope(x: torch.Tensor, base: float) -> torch.Tensor:
 
 def attention(x: torch.Tensor, w: Weights, name: str, cfg: ReferenceConfig) -> torch.Tensor:
     """Causal self-attention; megatron's fused QKV rows are grouped per query group:
-    ``[q_1 .. q_{heads/groups}, k, v]`` for each group."""
+    ``[q_1 .. q_{heads/groups}, k, v]`` for each group (MLA: tests/reference/mla.py)."""
+    if cfg.mla is not None:
+        return mla_attention(x, w, name, cfg.num_attention_heads, cfg.mla, cfg.eps)
     b, s, _ = x.shape
     groups, d = cfg.num_query_groups, cfg.head_dim
     per_group = cfg.num_attention_heads // groups

@@ -19,6 +19,7 @@ from mtp_megatron.runtime import distributed
 from mtp_megatron.runtime.launch_env import read_launch_env
 from mtp_megatron.training.trainer import Trainer
 from tests.reference.gpt_mtp import ReferenceConfig
+from tests.reference.mla import MLAReference
 from tests.reference.moe import MoEReference
 
 VOCAB = 128
@@ -53,6 +54,22 @@ def reference_config(cfg, *, factor: Optional[float] = None,
         swiglu=cfg.model.swiglu,
         tied_embeddings=not cfg.model.untie_embeddings_and_output_weights,
         moe=moe_reference(cfg),
+        mla=mla_reference(cfg),
+    )
+
+
+def mla_reference(cfg) -> Optional[MLAReference]:
+    m = cfg.model
+    if not m.multi_latent_attention:
+        return None
+    return MLAReference(
+        q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+        pe_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+        latent_norms=m.qk_layernorm, rope_base=float(m.rotary_base),
+        yarn=m.mla_rope_type == "yarn", factor=m.rotary_scaling_factor, mscale=m.mscale,
+        mscale_all_dim=m.mscale_all_dim,
+        original_max_positions=m.yarn_original_max_position_embeddings,
+        beta_fast=m.yarn_beta_fast, beta_slow=m.yarn_beta_slow,
     )
 
 

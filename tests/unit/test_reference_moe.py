@@ -7,7 +7,8 @@ lm and ``mtp_k`` losses, the logged balancing loss, and the gradient that reache
 ``main_grad``, which must be that of ``lm + factor / D * sum_k mtp_k + sum over MoE layers
 (MTP layers included) of coeff x balancing loss``, averaged over micro-batches. The same
 gradient without the balancing term, and the losses with the expert bias ignored, are
-measurably different: the match is not a coincidence.
+measurably different: the match is not a coincidence. The ``mla`` case is ``dsv3`` with
+multi-latent attention and YaRN (``tests/reference/mla.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ LOSS_TOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
 
 MOE = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_aux_loss_coeff=0.05)
+MLA = dict(num_query_groups=None, multi_latent_attention=True, q_lora_rank=16,
+           kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8,
+           qk_layernorm=True, rotary_scaling_factor=4.0, mscale=0.9, mscale_all_dim=0.7,
+           yarn_original_max_position_embeddings=64)
 CASES = {
     # DeepSeek-V3 shape: first layer dense, sigmoid + expert bias, groups, shared expert,
     # sequence-wise balancing loss, scaled weights, one MTP layer (MoE); one micro-batch
@@ -35,6 +40,9 @@ CASES = {
     "softmax": dict(MOE, moe_router_load_balancing_type="aux_loss", mtp_num_layers=2,
                     global_batch_size=8),
 }
+# The dsv3 case with multi-latent attention (tests/reference/mla.py): query latent with
+# its norm, YaRN stretched by 4 with both mscales (softmax scale and cos/sin multiplier)
+CASES["mla"] = dict(CASES["dsv3"], **MLA)
 
 
 def _grad_error(mine, ref):
