@@ -54,6 +54,7 @@ PROSE = {
     "--moe-router-topk-scaling-factor": (None, "none"),
     "--moe-router-num-groups": (None, "none"),
     "--moe-router-group-topk": (None, "none"),
+    "--q-lora-rank": (None, "none"),
     "--expert-tensor-parallel-size": (None, "TP"),
     "--save": (None, "off"), "--load": (None, "off"), "--save-interval": (None, "off"),
     "--world-size": (None, "the launcher's"),
