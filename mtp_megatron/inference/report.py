@@ -79,8 +79,9 @@ def decode_prompts(model: GPTModel, prompts: List[List[int]], *, vocab_size: int
         outputs.append(entry)
     plain = draft_key(0, sampling)
     report = {"mode": "mtp-speculative" if draft_depth else "plain", "outputs": outputs,
-              "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                           "top_p": sampling.top_p, "seed": sampling.seed},
+              "sampling_params": {"temperature": sampling.temperature,
+                                  "top_k": sampling.top_k, "top_p": sampling.top_p,
+                                  "seed": sampling.seed},
               "batch_size": batch_size, draft_key(draft_depth, sampling): stats.summary()}
     if len(depths) > 1:
         report[plain] = results[0][0].summary()

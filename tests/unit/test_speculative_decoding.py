@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from mtp_megatron.inference import DecodeStats, KVCachedRunner, decoding, generate
+from mtp_megatron.inference import DecodeStats, KVCachedRunner, Sampling, decoding, generate
 from mtp_megatron.inference.loading import build_for_generation, single_rank
-from mtp_megatron.inference.report import decode_prompts
+from mtp_megatron.inference.report import decode_prompts, format_report
 from tests.tiny_decoders import (
     EOD,
     TEXT_VOCAB,
@@ -162,6 +162,23 @@ def test_batch_of_prompts_of_different_lengths(trained_runner):
     assert report["greedy"]["main_forwards_per_token"] == 1.0
     assert report["speculative_k2"]["main_forwards_per_token"] < 0.6
     assert report["speedup"] > 0
+    text = format_report(report)  # what generate prints without --json
+    assert text.splitlines()[-1].endswith("outputs identical to greedy: True")
+    assert [line.split()[0] for line in text.splitlines()[-4:-1]] == \
+        ["mode", "greedy", "speculative_k2"]
+
+
+def test_the_printed_report_of_sampling(trained_runner):
+    """Plain sampling's summary and the sampling parameters have their own keys."""
+    sampled = Sampling(temperature=0.8, top_k=20, seed=3)
+    report = decode_prompts(trained_runner.model, [[7, 8]], vocab_size=TEXT_VOCAB,
+                            max_new_tokens=6, draft_depth="auto", eod=EOD, sampling=sampled)
+    assert report["sampling_params"] == {"temperature": 0.8, "top_k": 20, "top_p": 1.0,
+                                         "seed": 3}
+    assert report["sampling"]["main_forwards_per_token"] == 1.0  # the plain run
+    lines = format_report(report).splitlines()
+    assert [line.split()[0] for line in lines[-3:-1]] == ["sampling", "speculative_auto"]
+    assert "sampled" in lines[-1]
 
 
 def test_draft_depth_beyond_the_mtp_layers(random_runner):
