@@ -80,10 +80,12 @@ def _without_options_in_brackets(command):
 
 def _cpu_sized(command):
     """The command with a tiny training appended where it trains (a run that loads a
-    checkpoint keeps its model: only the iterations are cut)."""
+    checkpoint keeps its model: only the iterations are cut, unless it loads
+    ``runs/x/checkpoints``, which this test trains with the tiny model)."""
     if "pretrain_gpt_mtp.py" in command and "--dry-run" not in command:
         nproc = int((re.search(r"--nproc-per-node[ =](\d+)", command) or [0, 1])[1])
-        tiny = TINY[:8] if "--load" in command else TINY
+        keeps = "--load" in command and "--load runs/x/checkpoints" not in command
+        tiny = TINY[:8] if keeps else TINY
         return f"{command} {' '.join(tiny)} --global-batch-size {nproc}"
     return command
 
