@@ -89,18 +89,16 @@ def check_sampling(args: argparse.Namespace):
     """The ``Sampling`` the flags ask for (greedy unless --temperature > 0)."""
     from mtp_megatron.inference.sampling import Sampling
 
-    if args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0: greedy)")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0: every token)")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+    try:  # Sampling owns the rules of its flags
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if sampling.greedy and (args.top_k or args.top_p < 1):
         logger.warning("--top-k/--top-p have no effect with --temperature 0 (greedy)")
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed)
+    return sampling
 
 
 def check_args(args: argparse.Namespace, mtp_num_layers: int):

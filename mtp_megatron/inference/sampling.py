@@ -34,12 +34,13 @@ class Sampling:
     generator: Optional[torch.Generator] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        """The rules of the sampling flags (``generate`` reports these messages as they are)."""
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"--temperature {self.temperature}: must be >= 0 (0: greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"--top-k {self.top_k}: must be >= 0 (0: every token)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:

@@ -114,7 +114,7 @@ def test_probabilities_top_k_and_top_p():
     assert nucleus.tolist()[0] == pytest.approx([4 / 7, 3 / 7, 0, 0])
     cold = Sampling(temperature=0.5).probabilities(logits)
     assert cold.tolist()[0] == pytest.approx([16 / 30, 9 / 30, 4 / 30, 1 / 30])
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ValueError, match="--top-p 0"):
         Sampling(top_p=0)
 
 
