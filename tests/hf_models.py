@@ -71,3 +71,107 @@ def sequences(vocab: int, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(0, vocab, (4, 24), generator=gen)
     ids[0, :3] = vocab - 1
     return ids
+
+
+# -- MoE exports and imports (tests/functional/test_hf_moe.py, test_hf_deepseek.py) -------
+
+def train_and_export(tmp, flags):
+    """Train ``flags`` 6 steps with the launcher, save to ``tmp/ck``, export to ``tmp/out``;
+    returns (export directory, checkpoint directory)."""
+    from mtp_megatron.hf.export import export
+    from tests.functional.launcher import launch
+
+    run = launch(flags + ["--train-iters", "6", "--save", str(tmp / "ck")],
+                 output_dir=str(tmp / "run"))
+    assert run.returncode == 0, run
+    export(str(tmp / "ck"), str(tmp / "out"))
+    return tmp / "out", str(tmp / "ck")
+
+
+def loaded(checkpoint: str):
+    """(model, cfg) of ``checkpoint`` on one rank, for a module fixture to yield."""
+    from mtp_megatron.inference.loading import load_for_generation, single_rank
+
+    with single_rank(seed=1) as device:
+        model, cfg, _ = load_for_generation(checkpoint, device)
+        yield model, cfg
+
+
+def hf_model(path, **changes):
+    """transformers' model of an exported directory (``changes``: config overrides)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), **changes)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config).eval()
+
+
+def hf_depth1_logits(hf, ids: torch.Tensor) -> torch.Tensor:
+    """Depth-1 MTP logits [b, s-1, V] from transformers' own MTP loader (``MtpModel``,
+    which raises on any missing weight) over the exported layer ``L``."""
+    from transformers.modeling_layers import MtpModel
+
+    # transformers finds MTP weights by the layer numbers of the published sizes; ours has
+    # L layers: point its heuristic at layer L, the names are the same
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{hf.config.num_hidden_layers}.*"]
+    mtp = MtpModel.from_pretrained(hf).eval()
+    s = ids.size(1) - 1
+    with torch.no_grad():
+        hidden = hf.model(ids).last_hidden_state[:, :-1]
+        positions = torch.arange(s).unsqueeze(0)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = mtp.layers[0](mtp.embed_tokens(ids[:, 1:]), hidden,
+                            position_embeddings=hf.model.rotary_emb(hidden, positions),
+                            attention_mask=mask, position_ids=positions, past_key_values=None)
+        return mtp._project_to_logits(out)
+
+
+def our_depth1_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Depth-1 MTP logits [b, s, padded vocab] of our GPTModel."""
+    pos = torch.arange(ids.size(1)).expand_as(ids)
+    rope = None if model.config.multi_latent_attention else model.rotary_pos_emb(ids.size(1))
+    with torch.no_grad():
+        main = model.decoder(hidden_states=model.embedding(input_ids=ids, position_ids=pos),
+                             attention_mask=None, rotary_pos_emb=rope)
+        depth1 = model.mtp(input_ids=ids, position_ids=pos, hidden_states=main,
+                           attention_mask=None, rotary_pos_emb=rope,
+                           embedding=model.embedding).chunk(2)[1]
+        logits, _ = model.output_layer(depth1)
+    return logits.transpose(0, 1)
+
+
+def import_random(hf, tmp, name: str):
+    """Perturb a random transformers MoE model (expert biases and norms, so they matter),
+    save it to ``tmp/name`` and import it with one fresh MTP layer into ``tmp/ck``."""
+    from mtp_megatron.hf.importer import import_hf
+
+    with torch.no_grad():
+        for buffer_name, buf in hf.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.05)
+        for param_name, param in hf.named_parameters():
+            if "norm" in param_name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(str(tmp / name))
+    return import_hf(str(tmp / name), str(tmp / "ck"), mtp_num_layers=1)
+
+
+def imported_logits(tmp, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Our main-model logits of the imported checkpoint ``tmp/ck``."""
+    from mtp_megatron.inference.loading import load_for_generation, single_rank
+
+    with single_rank(seed=1) as device:
+        model, _, _ = load_for_generation(str(tmp / "ck"), device)
+        return our_logits(model, ids)[..., :vocab]
+
+
+def trains_on(result, tmp, train_flags):
+    """Train an imported checkpoint 8 steps; returns its metrics rows (loss must fall)."""
+    from tests.functional.launcher import launch
+
+    run = launch(result.flags + train_flags + ["--seq-length", "32", "--train-iters", "8",
+                                               "--lr", "1e-2"], output_dir=str(tmp / "train"))
+    assert run.returncode == 0, run
+    rows = run.metrics()
+    assert rows[-1]["lm loss"] < rows[0]["lm loss"]
+    assert rows[-1]["mtp_1 loss"] < rows[0]["mtp_1 loss"]
+    return rows

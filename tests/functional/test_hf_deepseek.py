@@ -19,9 +19,19 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tests.functional.launcher import launch  # noqa: E402
 from tests.functional.test_hf_moe import MOE, TRAIN  # noqa: E402
-from tests.hf_models import our_logits, sequences  # noqa: E402
+from tests.hf_models import (  # noqa: E402
+    hf_depth1_logits,
+    hf_model,
+    import_random,
+    imported_logits,
+    loaded,
+    our_depth1_logits,
+    our_logits,
+    sequences,
+    train_and_export,
+    trains_on,
+)
 
 pytestmark = pytest.mark.functional
 
@@ -36,30 +46,12 @@ MLA = MOE[:_GQA] + MOE[_GQA + 2:] + ["--init-method-std", "0.1",
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from mtp_megatron.hf.export import export
-
-    tmp = tmp_path_factory.mktemp("hf_dsv3")
-    run = launch(MLA + TRAIN + ["--train-iters", "6", "--save", str(tmp / "ck")],
-                 output_dir=str(tmp / "run"))
-    assert run.returncode == 0, run
-    export(str(tmp / "ck"), str(tmp / "out"))
-    return tmp / "out", str(tmp / "ck")
+    return train_and_export(tmp_path_factory.mktemp("hf_dsv3"), MLA + TRAIN)
 
 
 @pytest.fixture(scope="module")
 def ours(exported):
-    from mtp_megatron.inference.loading import load_for_generation, single_rank
-
-    with single_rank(seed=1) as device:
-        model, cfg, _ = load_for_generation(exported[1], device)
-        yield model, cfg
-
-
-def _hf(path, **changes):
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(path), **changes)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config).eval()
+    yield from loaded(exported[1])
 
 
 def test_the_export_is_deepseek_v3_with_mla_yarn_and_the_mtp_layer(exported):
@@ -102,13 +94,13 @@ def test_the_mtp_tensors_have_the_names_deepseek_v3_loaders_read(exported):
 
 def test_transformers_gives_our_logits_and_yarn_matters(exported, ours):
     model, _ = ours
-    hf = _hf(exported[0])
+    hf = hf_model(exported[0])
     vocab = hf.config.vocab_size
     ids = sequences(vocab, seed=3)
     mine = our_logits(model, ids)[..., :vocab]
     with torch.no_grad():
         diff = (hf(ids).logits - mine).abs().max().item()
-        plain = _hf(exported[0], rope_parameters={"rope_type": "default",
+        plain = hf_model(exported[0], rope_parameters={"rope_type": "default",
                                                   "rope_theta": 10000.0})
         off = (plain(ids).logits - mine).abs().max().item()
     assert diff < TOL, diff  # (measured 7.7e-7 with logits up to 2.3)
@@ -117,38 +109,17 @@ def test_transformers_gives_our_logits_and_yarn_matters(exported, ours):
 
 def test_transformers_mtp_loader_reads_the_mtp_layer_and_gives_our_depth1_logits(
         exported, ours):
-    from transformers.modeling_layers import MtpModel
-
     model, _ = ours
-    hf = _hf(exported[0])
-    L = hf.config.num_hidden_layers
-    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}.*"]  # (61 published)
-    mtp = MtpModel.from_pretrained(hf).eval()  # raises if any MTP weight is missing
+    hf = hf_model(exported[0])
     ids = sequences(hf.config.vocab_size, seed=4)[:2]
-    s = ids.size(1) - 1
-    pos = torch.arange(ids.size(1)).expand_as(ids)
-    with torch.no_grad():
-        hidden = hf.model(ids).last_hidden_state[:, :-1]
-        positions = torch.arange(s).unsqueeze(0)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = mtp.layers[0](mtp.embed_tokens(ids[:, 1:]), hidden,
-                            position_embeddings=hf.model.rotary_emb(hidden, positions),
-                            attention_mask=mask, position_ids=positions, past_key_values=None)
-        expected = mtp._project_to_logits(out)
-        main = model.decoder(hidden_states=model.embedding(input_ids=ids, position_ids=pos),
-                             attention_mask=None, rotary_pos_emb=None)
-        depth1 = model.mtp(input_ids=ids, position_ids=pos, hidden_states=main,
-                           attention_mask=None, rotary_pos_emb=None,
-                           embedding=model.embedding).chunk(2)[1]
-        got = model.output_layer(depth1)[0].transpose(0, 1)[:, :-1, :hf.config.vocab_size]
+    expected = hf_depth1_logits(hf, ids)
+    got = our_depth1_logits(model, ids)[:, :-1, :hf.config.vocab_size]
     assert (got - expected).abs().max().item() < TOL
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     import transformers
-
-    from mtp_megatron.hf.importer import import_hf
 
     tmp = tmp_path_factory.mktemp("hf_dsv3_import")
     torch.manual_seed(0)
@@ -164,29 +135,16 @@ def imported(tmp_path_factory):
                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
         tie_word_embeddings=False)
     hf = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, buf in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.05)
-        for name, param in hf.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    hf.save_pretrained(str(tmp / "dsv3"))
-    result = import_hf(str(tmp / "dsv3"), str(tmp / "ck"), mtp_num_layers=1)
-    return tmp, hf, result
+    return tmp, hf, import_random(hf, tmp, "dsv3")
 
 
 def test_an_imported_deepseek_v3_gives_transformers_logits(imported):
-    from mtp_megatron.inference.loading import load_for_generation, single_rank
-
     tmp, hf, result = imported
     m = result.cfg.model
     assert m.multi_latent_attention and m.qk_layernorm and m.moe_layers == (0, 1, 1)
     assert (m.mla_rope_type, m.rotary_scaling_factor) == ("yarn", 2.0)
     ids = sequences(500, seed=5)
-    with single_rank(seed=1) as device:
-        model, _, _ = load_for_generation(str(tmp / "ck"), device)
-        ours = our_logits(model, ids)[..., :500]
+    ours = imported_logits(tmp, ids, 500)
     with torch.no_grad():
         diff = (hf(ids).logits - ours).abs().max().item()
     assert diff < TOL, diff
@@ -194,12 +152,7 @@ def test_an_imported_deepseek_v3_gives_transformers_logits(imported):
 
 def test_an_imported_deepseek_v3_trains_on_with_mtp(imported):
     tmp, _, result = imported
-    run = launch(result.flags + TRAIN + ["--seq-length", "32", "--train-iters", "8",
-                                         "--lr", "1e-2"], output_dir=str(tmp / "train"))
-    assert run.returncode == 0, run
-    rows = run.metrics()
-    assert rows[-1]["lm loss"] < rows[0]["lm loss"] and rows[-1]["mtp_1 loss"] < rows[0][
-        "mtp_1 loss"]
+    trains_on(result, tmp, TRAIN)
 
 
 def test_kv_cached_and_speculative_decoding_of_the_mla_model_match_full_recompute(ours):

@@ -18,8 +18,18 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tests.functional.launcher import launch  # noqa: E402
-from tests.hf_models import our_logits, sequences  # noqa: E402
+from tests.hf_models import (  # noqa: E402
+    hf_depth1_logits,
+    hf_model,
+    import_random,
+    imported_logits,
+    loaded,
+    our_depth1_logits,
+    our_logits,
+    sequences,
+    train_and_export,
+    trains_on,
+)
 
 pytestmark = pytest.mark.functional
 
@@ -39,29 +49,12 @@ TRAIN = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from mtp_megatron.hf.export import export
-
-    tmp = tmp_path_factory.mktemp("hf_moe")
-    run = launch(MOE + TRAIN + ["--train-iters", "6", "--save", str(tmp / "ck")],
-                 output_dir=str(tmp / "run"))
-    assert run.returncode == 0, run
-    export(str(tmp / "ck"), str(tmp / "out"))
-    return tmp / "out", str(tmp / "ck")
+    return train_and_export(tmp_path_factory.mktemp("hf_moe"), MOE + TRAIN)
 
 
 @pytest.fixture(scope="module")
 def ours(exported):
-    from mtp_megatron.inference.loading import load_for_generation, single_rank
-
-    with single_rank(seed=1) as device:
-        model, cfg, _ = load_for_generation(exported[1], device)
-        yield model, cfg
-
-
-def _hf(path):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    yield from loaded(exported[1])
 
 
 def test_the_export_is_glm4_moe_with_the_mtp_layer_in_the_main_file(exported):
@@ -113,57 +106,26 @@ def test_the_expert_biases_are_exported(exported, ours):
 
 def test_transformers_gives_our_logits(exported, ours):
     model, _ = ours
-    hf = _hf(exported[0])
+    hf = hf_model(exported[0])
     ids = sequences(hf.config.vocab_size, seed=3)
     with torch.no_grad():
         diff = (hf(ids).logits - our_logits(model, ids)[..., :hf.config.vocab_size]).abs().max()
     assert diff.item() < TOL, diff.item()
 
 
-def _our_depth1_logits(model, ids):
-    pos = torch.arange(ids.size(1)).expand_as(ids)
-    rope = model.rotary_pos_emb(ids.size(1))
-    with torch.no_grad():
-        main = model.decoder(hidden_states=model.embedding(input_ids=ids, position_ids=pos),
-                             attention_mask=None, rotary_pos_emb=rope)
-        depth1 = model.mtp(input_ids=ids, position_ids=pos, hidden_states=main,
-                           attention_mask=None, rotary_pos_emb=rope,
-                           embedding=model.embedding).chunk(2)[1]
-        logits, _ = model.output_layer(depth1)
-    return logits.transpose(0, 1)
-
-
 def test_transformers_mtp_loader_reads_the_mtp_layer_and_gives_our_depth1_logits(
         exported, ours):
-    from transformers.modeling_layers import MtpModel
-
     model, _ = ours
-    hf = _hf(exported[0])
-    L = hf.config.num_hidden_layers
-    # transformers finds MTP weights by the layer numbers of the published GLM-4.5 sizes
-    # (46, 92); ours has 3 layers: point its heuristic at layer 3, the names are the same
-    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}.*"]
-    mtp = MtpModel.from_pretrained(hf).eval()  # raises if any MTP weight is missing
-    layer = mtp.layers[0]
+    hf = hf_model(exported[0])
     ids = sequences(hf.config.vocab_size, seed=4)[:2]
-    s = ids.size(1) - 1
-    with torch.no_grad():
-        hidden = hf.model(ids).last_hidden_state[:, :-1]
-        positions = torch.arange(s).unsqueeze(0)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = layer(mtp.embed_tokens(ids[:, 1:]), hidden,
-                    position_embeddings=hf.model.rotary_emb(hidden, positions),
-                    attention_mask=mask, position_ids=positions, past_key_values=None)
-        expected = mtp._project_to_logits(out)
-    got = _our_depth1_logits(model, ids)[:, :-1, :hf.config.vocab_size]
+    expected = hf_depth1_logits(hf, ids)
+    got = our_depth1_logits(model, ids)[:, :-1, :hf.config.vocab_size]
     assert (got - expected).abs().max().item() < TOL
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     import transformers
-
-    from mtp_megatron.hf.importer import import_hf
 
     tmp = tmp_path_factory.mktemp("hf_moe_import")
     torch.manual_seed(0)
@@ -176,28 +138,15 @@ def imported(tmp_path_factory):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 1.0}, tie_word_embeddings=False)
     hf = transformers.Glm4MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, buf in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.05)
-        for name, param in hf.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    hf.save_pretrained(str(tmp / "glm"))
-    result = import_hf(str(tmp / "glm"), str(tmp / "ck"), mtp_num_layers=1)
-    return tmp, hf, result
+    return tmp, hf, import_random(hf, tmp, "glm")
 
 
 def test_an_imported_glm4_moe_gives_transformers_logits(imported):
-    from mtp_megatron.inference.loading import load_for_generation, single_rank
-
     tmp, hf, result = imported
     assert result.cfg.model.moe_layers == (0, 1, 1)
     assert result.cfg.model.moe_router_enable_expert_bias
     ids = sequences(500, seed=5)
-    with single_rank(seed=1) as device:
-        model, _, _ = load_for_generation(str(tmp / "ck"), device)
-        ours = our_logits(model, ids)[..., :500]
+    ours = imported_logits(tmp, ids, 500)
     with torch.no_grad():
         diff = (hf(ids).logits - ours).abs().max().item()
         assert diff < TOL, diff
@@ -209,10 +158,5 @@ def test_an_imported_glm4_moe_gives_transformers_logits(imported):
 
 def test_an_imported_glm4_moe_trains_on_with_mtp(imported):
     tmp, _, result = imported
-    run = launch(result.flags + TRAIN + ["--seq-length", "32", "--train-iters", "8",
-                                         "--lr", "1e-2"], output_dir=str(tmp / "train"))
-    assert run.returncode == 0, run
-    rows = run.metrics()
-    assert rows[-1]["lm loss"] < rows[0]["lm loss"] and rows[-1]["mtp_1 loss"] < rows[0][
-        "mtp_1 loss"]
+    rows = trains_on(result, tmp, TRAIN)
     assert "expert bias min" in rows[-1]
