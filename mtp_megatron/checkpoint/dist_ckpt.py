@@ -81,6 +81,7 @@ from mtp_megatron.checkpoint.optimizer_state import align_saved_groups, restore_
 from mtp_megatron.config import CheckpointConfig, RunConfig, to_dict
 from mtp_megatron.runtime import comm, cpu_bridge, mcore_compat
 from mtp_megatron.runtime.optimizer_parts import sub_optimizers
+from mtp_megatron.runtime.wrapped import innermost
 
 logger = logging.getLogger("mtp_megatron")
 
@@ -147,10 +148,6 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _gpt(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _prepare_distributed_optimizer_for_load(optimizer) -> None:
@@ -320,7 +317,7 @@ def sharded_state(state: TrainState) -> Dict[str, Any]:
 def _vocab_record(model: List[torch.nn.Module], vocab_size: Optional[int],
                   live_rows: Optional[int]) -> Dict[str, Any]:
     """The vocabulary sizes a resume keeps (``checkpoint/vocab.py``)."""
-    padded = _gpt(model[0]).vocab_size
+    padded = innermost(model[0]).vocab_size
     return {"vocab_size": vocab_size, "padded_vocab_size": padded,
             "live_rows": live_rows or padded}
 
@@ -459,7 +456,7 @@ def load_checkpoint(state: TrainState, load_dir: str, *, checkpoint: CheckpointC
     directory, iteration = resolve_load_dir(load_dir)
     common_all = _read_common(directory)
     check_compatible(directory, state.cfg, checkpoint=checkpoint, vocab_size=state.vocab_size,
-                     padded_vocab_size=_gpt(state.model[0]).vocab_size,
+                     padded_vocab_size=innermost(state.model[0]).vocab_size,
                      live_rows=state.live_rows, common=common_all.get("common", {}))
     if not checkpoint.finetune and common_all.get("common", {}).get("weights_only"):
         raise CheckpointError(

@@ -17,11 +17,7 @@ from typing import List
 import torch
 from megatron.core import parallel_state
 
-
-def _gpt(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+from mtp_megatron.runtime.wrapped import innermost
 
 
 def dead_columns(local: int, padded: int, live: int, tp_rank: int) -> slice:
@@ -37,7 +33,7 @@ def mask_dead_rows(model_chunks: List[torch.nn.Module], *, live: int, padded: in
         return []
     handles = []
     for chunk in model_chunks:
-        gpt = _gpt(chunk)
+        gpt = innermost(chunk)
         if not getattr(gpt, "post_process", False):
             continue
         handles.append(gpt.output_layer.register_forward_hook(_masker(live, padded)))

@@ -39,6 +39,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from mtp_megatron.data.iterator import GlobalBatchSampler
 from mtp_megatron.runtime import comm
+from mtp_megatron.runtime.wrapped import innermost
 from mtp_megatron.training.writers import MetricsWriter
 
 logger = logging.getLogger("mtp_megatron")
@@ -146,10 +147,6 @@ def format_line(iteration: int, metrics: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 class _HeadCapture:
@@ -205,7 +202,7 @@ class Evaluator:
         self.is_logging_rank = is_logging_rank
         self.writer = writer or MetricsWriter()
         self.tokens_per_step = tokens_per_step
-        self.last_chunk = _unwrap(model[-1])
+        self.last_chunk = innermost(model[-1])
         self.on_last_stage = bool(getattr(self.last_chunk, "post_process", False))
         self.capture: Optional[_HeadCapture] = None
         self.stats: Optional[torch.Tensor] = None
@@ -216,7 +213,7 @@ class Evaluator:
         batch = next(data_iterator)
         device = next(model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if self.capture is not None and _unwrap(model) is self.last_chunk:
+        if self.capture is not None and innermost(model) is self.last_chunk:
             self.capture.begin(batch["labels"], batch["loss_mask"])
         output = model(batch["tokens"], batch["position_ids"], None,
                        labels=batch["labels"], loss_mask=batch["loss_mask"])

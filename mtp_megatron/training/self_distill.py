@@ -44,6 +44,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from mtp_megatron.config import MTPConfig
 from mtp_megatron.runtime import comm
+from mtp_megatron.runtime.wrapped import innermost
 from mtp_megatron.training.mtp_weighting import depth_multipliers
 
 
@@ -98,7 +99,7 @@ class SelfDistill:
         if not mtp.mtp_self_distill:
             return None
         for chunk in chunks:
-            gpt = _unwrap(chunk)
+            gpt = innermost(chunk)
             if getattr(gpt, "mtp_process", False):
                 return cls(gpt, mtp=mtp, vocab_size=vocab_size)
         return _NoMTP()
@@ -164,8 +165,3 @@ class _NoMTP:
         return {}
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
