@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         text_vocab_size,
     )
     from mtp_megatron.inference.report import decode_prompts
+    from mtp_megatron.inference.runner import check_batch_size
 
     try:
         _, saved = read_saved_config(args.load)
@@ -202,11 +203,10 @@ def run(args: argparse.Namespace) -> dict:
         ids = [encode(tokenizer, p, vocab_size=vocab, mock_data=saved_cfg.data.mock_data)
                for p in prompts]
         check_positions(ids, args, saved_cfg.model)
-        if args.batch_size > 1 and saved_cfg.model.multi_latent_attention:
-            raise UsageError(f"--batch-size {args.batch_size}: a checkpoint with "
-                             "--multi-latent-attention decodes with --batch-size 1 "
-                             "(megatron-core's MLA applies RoPE by cache column, which a "
-                             "batch's rows do not share)")
+        try:  # before the model is loaded
+            check_batch_size(args.batch_size, saved_cfg.model.multi_latent_attention)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         with single_rank() as device:
             model, cfg, tokenizer = load_for_generation(args.load, device)
             return decode_prompts(

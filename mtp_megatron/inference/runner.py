@@ -33,6 +33,15 @@ from mtp_megatron.inference.cache import UNUSED, RowCache
 from mtp_megatron.runtime import mcore_compat
 
 
+def check_batch_size(batch_size: int, multi_latent_attention: bool) -> None:
+    """Rows decoded together: any number, but one with multi-latent attention
+    (megatron-core's MLA applies RoPE by cache column, which a batch's rows do not share)."""
+    if multi_latent_attention and batch_size > 1:
+        raise ValueError(f"--batch-size {batch_size}: a --multi-latent-attention checkpoint "
+                         "decodes one row at a time (--batch-size 1): megatron-core's MLA "
+                         "applies RoPE by cache column, which a batch's rows do not share")
+
+
 class KVCachedRunner:
     """Forwards over new positions of the main model and of the MTP depths, with caches."""
 
@@ -54,9 +63,7 @@ class KVCachedRunner:
         that advance unevenly need more, or compaction)."""
         self.max_length = max_length
         mla = self.model.config.multi_latent_attention
-        if mla and batch_size > 1:  # generate.py refuses it first, naming --batch-size
-            raise ValueError("multi-latent attention decodes one row at a time: megatron-core's "
-                             "MLA applies RoPE by cache column, which a batch's rows do not share")
+        check_batch_size(batch_size, mla)
         if self.model.position_embedding_type == "rope" and not mla \
                 and self._rope_length < max_length:  # (MLA ropes its own, by column)
             self._rope = self.model.rotary_pos_emb(max_length)

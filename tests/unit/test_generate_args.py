@@ -33,3 +33,12 @@ def test_sampling_flags():
                         ("--top-p", "1.5"), ("--batch-size", "0")):
         with pytest.raises(UsageError, match=f"{flag} {value}"):
             check_sampling(_args(flag, value))
+
+
+def test_multi_latent_attention_decodes_one_row_at_a_time():
+    from mtp_megatron.inference.runner import check_batch_size
+
+    check_batch_size(4, False)
+    check_batch_size(1, True)
+    with pytest.raises(ValueError, match="--batch-size 4: a --multi-latent-attention"):
+        check_batch_size(4, True)
